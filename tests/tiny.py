@@ -1,0 +1,96 @@
+"""Tiny tokenizers and models built in code, for tests that need a real (if random) causal LM."""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [f"Compute {a}+{b}. {a}+{b}={a + b}. \\boxed{{{a + b}}}" for a in range(0, 40, 3) for b in range(0, 30, 7)]
+
+
+def tiny_tokenizer(texts=CORPUS, vocab_size: int = 120) -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        padding_side="left",
+        truncation_side="left",
+        model_max_length=256,
+    )
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def tiny_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_size: int | None = None):
+    torch.manual_seed(seed)
+    config = Qwen3Config(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def save_tiny(directory, tokenizer, **model_kwargs) -> str:
+    tiny_model(tokenizer, **model_kwargs).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def prompt_dataset(n: int = 16, with_completion: bool = True) -> Dataset:
+    rows = {"prompt": [f"Compute {i}+{i + 1}." for i in range(n)]}
+    if with_completion:
+        rows["completion"] = [f" {i}+{i + 1}={2 * i + 1}. \\boxed{{{2 * i + 1}}}" for i in range(n)]
+    return Dataset.from_dict(rows)
+
+
+def cpu_args(**overrides) -> dict:
+    """Settings every CPU test needs (trl.md §11)."""
+    settings = dict(
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        gradient_checkpointing=False,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        max_completion_length=6,
+        learning_rate=1e-3,
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return settings

@@ -1,0 +1,1 @@
+"""Math evaluation: bundled benchmarks, grading, metrics, generation backends, reports."""
