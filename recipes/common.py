@@ -1,0 +1,149 @@
+"""What every recipe shares: argument parsing, model/data loading (real or toy testbed), and the toy report.
+
+Recipes stay short scripts a researcher can read top to bottom; the plumbing lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import load_dataset
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+
+@dataclass
+class RecipeArguments(ScriptArguments):
+    """Dataset arguments of TRL's `ScriptArguments`, plus the offline toy testbed.
+
+    testbed: name of a `trl_opd.testbed` setting ("main" or "multistrategy"). When set, the teacher and the student
+        are the testbed's (trained from scratch on the first run, then cached), the training prompts come from the
+        task's generator, and the held-out accuracy is reported before and after training. `model_name_or_path`,
+        `teacher_model_name_or_path` and `dataset_name` are then ignored.
+    testbed_seed: seed of the testbed's teacher and student (not of training; that is `seed`).
+    testbed_train_size: number of training prompts drawn from the task generator.
+    testbed_eval_size: number of held-out problems used for the accuracy report (at most 300).
+    """
+
+    dataset_name: str | None = field(default=None, metadata={"help": "HF dataset name or local data file."})
+    testbed: str | None = field(default=None, metadata={"help": "Offline toy setting: main | multistrategy."})
+    testbed_seed: int = field(default=0, metadata={"help": "Seed of the toy teacher and student."})
+    testbed_train_size: int = field(default=20000, metadata={"help": "Toy training prompts."})
+    testbed_eval_size: int = field(default=300, metadata={"help": "Toy held-out problems for the report."})
+
+
+def parse_recipe_args(config_class):
+    """`(recipe, training args, model args)` from `--config file.yaml` plus command-line overrides.
+
+    Unknown YAML keys are errors (TRL's scripts pass `fail_with_unknown_args=False`; we keep typos loud).
+    """
+    parser = TrlParser((RecipeArguments, config_class, ModelConfig))
+    recipe, args, model_args = parser.parse_args_and_config()
+    if recipe.testbed is None and recipe.dataset_name is None:
+        parser.error("Set `dataset_name` (real data) or `testbed` (offline toy) in the YAML or on the command line.")
+    return recipe, args, model_args
+
+
+@dataclass
+class RecipeSetup:
+    student: object
+    teacher: object
+    tokenizer: object
+    train_dataset: object
+    peft_config: object = None
+    eval_problems: list | None = None
+    results: dict = field(default_factory=dict)
+
+    def evaluate(self, name: str, model) -> float | None:
+        """Held-out greedy accuracy on the toy task (no-op for real models: use eval/aime.py there)."""
+        if self.eval_problems is None:
+            return None
+        from trl_opd.testbed.evaluation import accuracy
+
+        score = accuracy(model, self.tokenizer, self.eval_problems)
+        self.results[name] = score
+        if _is_main_process():
+            print(f"[trl_opd] {name}: {100 * score:.1f}% on {len(self.eval_problems)} held-out problems", flush=True)
+        return score
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_models_and_data(recipe: RecipeArguments, args, model_args: ModelConfig) -> RecipeSetup:
+    if recipe.testbed is not None:
+        return _toy_setup(recipe, args)
+    return _real_setup(recipe, args, model_args)
+
+
+def _model_init_kwargs(model_args: ModelConfig) -> dict:
+    """TRL's script pattern: revision, remote code, attention and dtype from ModelConfig, plus quantization."""
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": model_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    quantization_config = get_quantization_config(model_args)
+    if quantization_config is not None:
+        from trl import get_kbit_device_map
+
+        kwargs["device_map"] = get_kbit_device_map()
+        kwargs["quantization_config"] = quantization_config
+    return kwargs
+
+
+def _real_setup(recipe: RecipeArguments, args, model_args: ModelConfig) -> RecipeSetup:
+    args.model_init_kwargs = {**_model_init_kwargs(model_args), **(args.model_init_kwargs or {})}
+    teacher_kwargs = {"trust_remote_code": model_args.trust_remote_code, "dtype": model_args.dtype}
+    args.teacher_model_init_kwargs = {**teacher_kwargs, **(args.teacher_model_init_kwargs or {})}
+    if Path(recipe.dataset_name).suffix in (".json", ".jsonl", ".parquet", ".csv"):
+        kind = {".jsonl": "json"}.get(Path(recipe.dataset_name).suffix, Path(recipe.dataset_name).suffix[1:])
+        data = load_dataset(kind, data_files=recipe.dataset_name, split=recipe.dataset_train_split)
+    else:
+        data = load_dataset(recipe.dataset_name, recipe.dataset_config, split=recipe.dataset_train_split)
+    return RecipeSetup(
+        student=model_args.model_name_or_path,
+        teacher=getattr(args, "teacher_model_name_or_path", None),
+        tokenizer=None,
+        train_dataset=data,
+        peft_config=get_peft_config(model_args),
+    )
+
+
+def _toy_setup(recipe: RecipeArguments, args) -> RecipeSetup:
+    from trl_opd import testbed
+    from trl_opd.testbed.training import load_pretrained
+
+    prepared = testbed.prepare(recipe.testbed, seed=recipe.testbed_seed)
+    teacher, _ = load_pretrained(prepared["teacher"])
+    student, tokenizer = load_pretrained(prepared["student"])
+    student.train()
+    data = testbed.make_dataset(recipe.testbed_train_size, prepared["task"], seed=args.seed)
+    eval_problems = testbed.heldout_problems(prepared["task"])[: recipe.testbed_eval_size]
+    setup = RecipeSetup(student, teacher, tokenizer, data, eval_problems=eval_problems)
+    setup.evaluate("teacher", teacher)
+    return setup
+
+
+def report_toy_results(setup: RecipeSetup, output_dir: str) -> dict | None:
+    """Print teacher / before / after and the share of the gap recovered; write them to results.json."""
+    results = setup.results
+    if not {"teacher", "student before", "student after"} <= results.keys():
+        return None
+    gap = results["teacher"] - results["student before"]
+    results["gap_recovered"] = (results["student after"] - results["student before"]) / gap if gap > 0 else None
+    if _is_main_process():
+        recovered = results["gap_recovered"]
+        print(
+            f"\n[trl_opd] teacher {100 * results['teacher']:.1f}% | student before {100 * results['student before']:.1f}%"
+            f" | student after {100 * results['student after']:.1f}%"
+            f" | gap recovered {'n/a' if recovered is None else f'{recovered:.2f}'}",
+            flush=True,
+        )
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,252 @@
+"""OPDTrainer end to end on tiny models: parity with TRL, reductions under gradient accumulation, GKD mix, PEFT."""
+
+import copy
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from trl import DistillationConfig, DistillationTrainer
+
+from tiny import cpu_args, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
+from trl_opd import OPDConfig, OPDTrainer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def student(tokenizer):
+    return tiny_model(tokenizer, hidden=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(tokenizer):
+    return tiny_model(tokenizer, hidden=48, seed=1)
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def opd(student, teacher, tokenizer, tmp_path, data=None, **overrides):
+    args = OPDConfig(output_dir=str(tmp_path / "opd"), **cpu_args(**overrides))
+    return OPDTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), args=args,
+        train_dataset=data if data is not None else prompt_dataset(), processing_class=tokenizer,
+    )
+
+
+# ---------------------------------------------------------------- parity with trl.DistillationTrainer
+
+
+@pytest.mark.parametrize(
+    ("divergence", "beta", "implementation"),
+    [("reverse_kl", 1.0, "fused"), ("reverse_kl", 1.0, "checkpointed"), ("forward_kl", 0.0, "fused"),
+     ("jsd", 0.3, "fused")],
+)
+def test_same_losses_as_distillation_trainer(student, teacher, tokenizer, tmp_path, divergence, beta, implementation):
+    """With every method switch off, OPDTrainer trains exactly like its TRL parent, step by step."""
+    settings = cpu_args(max_steps=3, temperature=0.8)
+    # Each trainer seeds the RNGs in its constructor: build and train one after the other.
+    ours = OPDTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), processing_class=tokenizer, train_dataset=prompt_dataset(),
+        args=OPDConfig(output_dir=str(tmp_path / "a"), divergence=divergence, beta=beta,
+                       loss_implementation=implementation, **settings),
+    )
+    ours.train()
+    reference = DistillationTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), processing_class=tokenizer, train_dataset=prompt_dataset(),
+        args=DistillationConfig(output_dir=str(tmp_path / "b"), beta=beta, **settings),
+    )
+    reference.train()
+    assert losses(ours) == pytest.approx(losses(reference), rel=1e-4, abs=1e-7)
+    moved = max((a - b).abs().max().item() for a, b in zip(ours.model.parameters(), student.parameters()))
+    assert moved > 1e-3  # three Adam steps at lr 1e-3 really changed the student
+    for mine, theirs in zip(ours.model.parameters(), reference.model.parameters()):
+        # Adam divides by sqrt(v): where a gradient is ~0, float rounding can move one element by a few 1e-5.
+        torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=5e-5)
+
+
+def test_logs_divergence_entropy_and_length(student, teacher, tokenizer, tmp_path):
+    trainer = opd(student, teacher, tokenizer, tmp_path)
+    trainer.train()
+    first = trainer.state.log_history[0]
+    for key in ("loss", "divergence", "entropy", "completions/mean_length", "rollout/on_policy"):
+        assert key in first, key
+    assert first["divergence"] == pytest.approx(first["loss"], rel=1e-5)  # uniform weights, token_mean, GA 1
+
+
+def test_training_lowers_divergence(student, teacher, tokenizer, tmp_path):
+    trainer = opd(student, teacher, tokenizer, tmp_path, max_steps=25, learning_rate=1e-2, max_completion_length=4,
+                  temperature=1.0)
+    trainer.train()
+    divergences = [entry["divergence"] for entry in trainer.state.log_history if "divergence" in entry]
+    assert sum(divergences[-5:]) / 5 < 0.7 * sum(divergences[:5]) / 5
+
+
+# ---------------------------------------------------------------- reductions and gradient accumulation
+
+
+class GradientRecorder(TrainerCallback):
+    """Keeps the accumulated gradient of the first optimizer step."""
+
+    def __init__(self):
+        self.gradients = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.gradients is None:
+            self.gradients = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+def first_step_gradients(student, teacher, tokenizer, tmp_path, **overrides):
+    recorder = GradientRecorder()
+    # lmbda=0 reads the dataset's completions: identical rollouts whatever the batch layout.
+    trainer = opd(student, teacher, tokenizer, tmp_path, max_steps=1, lmbda=0.0, max_completion_length=12,
+                  **overrides)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return recorder.gradients, trainer
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+def test_step_reductions_are_invariant_to_gradient_accumulation(student, teacher, tokenizer, tmp_path, reduction):
+    one, _ = first_step_gradients(student, teacher, tokenizer, tmp_path / "ga1", loss_reduction=reduction,
+                                  per_device_train_batch_size=4, gradient_accumulation_steps=1, shuffle_dataset=False)
+    two, _ = first_step_gradients(student, teacher, tokenizer, tmp_path / "ga2", loss_reduction=reduction,
+                                  per_device_train_batch_size=2, gradient_accumulation_steps=2, shuffle_dataset=False)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_microbatch_reductions_average_microbatch_means(student, teacher, tokenizer, tmp_path):
+    """token_mean_microbatch = mean over micro-batches of (Σℓ / Σm); with one micro-batch it equals token_mean.
+    With two micro-batches whose token counts differ, it differs from token_mean."""
+    kw = dict(shuffle_dataset=False, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+    micro, _ = first_step_gradients(student, teacher, tokenizer, tmp_path / "m", loss_reduction="token_mean_microbatch",
+                                    **kw)
+    token, _ = first_step_gradients(student, teacher, tokenizer, tmp_path / "t", loss_reduction="token_mean", **kw)
+    weighted, _ = first_step_gradients(student, teacher, tokenizer, tmp_path / "w", loss_reduction="weighted_mean",
+                                       **kw)
+    for a, b, c in zip(micro, token, weighted):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-7)  # uniform weights: weighted mean = token mean
+
+
+def test_sequence_mean_equals_its_formula(student, teacher, tokenizer, tmp_path):
+    """Loss of the first step, recomputed by hand from per-token divergences of the same batch."""
+    trainer = opd(student, teacher, tokenizer, tmp_path, max_steps=1, lmbda=0.0, max_completion_length=12,
+                  loss_reduction="sequence_mean", shuffle_dataset=False)
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model
+    with torch.no_grad():
+        ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+        width = batch["completion_ids"].shape[1]
+        student_logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1:-1]
+        teacher_logits = trainer.teacher_model(input_ids=ids, attention_mask=attention).logits[:, -width - 1:-1]
+        log_s, log_t = student_logits.log_softmax(-1), teacher_logits.log_softmax(-1)
+        reverse_kl = (log_s.exp() * (log_s - log_t)).sum(-1)
+        mask = batch["completion_mask"].float()
+        expected = ((reverse_kl * mask).sum(1) / mask.sum(1)).mean()
+        trainer.model.eval()  # eval mode: no GA scaling, local normalisers
+        loss = trainer.compute_loss(model, batch)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- GKD on/off-policy mix
+
+
+def test_lmbda_coin_is_a_function_of_seed_and_step(student, teacher, tokenizer, tmp_path):
+    trainer = opd(student, teacher, tokenizer, tmp_path, lmbda=0.5)
+    draws = []
+    for step in range(40):
+        trainer.state.global_step = step
+        draws.append(trainer._draw_rollout_source())
+    again = []
+    for step in range(40):
+        trainer.state.global_step = step
+        again.append(trainer._draw_rollout_source())
+    assert draws == again  # every process computes the same value from (seed, step): no divergence across ranks
+    assert {"student", "dataset"} == set(draws)
+
+
+def test_off_policy_batches_use_dataset_completions(student, teacher, tokenizer, tmp_path):
+    data = prompt_dataset(4)
+    trainer = opd(student, teacher, tokenizer, tmp_path, data=data, lmbda=0.0, max_completion_length=64)
+    batch = trainer._generate_and_score_completions([data[i] for i in range(4)])
+    for row, ids, mask in zip(data, batch["completion_ids"], batch["completion_mask"]):
+        expected = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert ids[mask.bool()].tolist() == expected
+    assert batch["num_items_in_batch"].item() == batch["completion_mask"].sum().item()
+
+
+def test_seq_kd_generates_with_the_teacher(student, teacher, tokenizer, tmp_path):
+    trainer = opd(student, teacher, tokenizer, tmp_path, lmbda=0.0, seq_kd=True, max_steps=2)
+    calls = []
+    original = type(trainer)._teacher_completion_ids
+
+    def spy(self, prompt_ids):
+        calls.append(len(prompt_ids))
+        return original(self, prompt_ids)
+
+    type(trainer)._teacher_completion_ids = spy
+    try:
+        trainer.train()
+    finally:
+        type(trainer)._teacher_completion_ids = original
+    assert calls == [4, 4]
+    assert all(entry["rollout/on_policy"] == 0.0 for entry in trainer.state.log_history if "loss" in entry)
+
+
+# ---------------------------------------------------------------- estimators, top-k, clip
+
+
+@pytest.mark.parametrize("estimator", ["sampled_pg", "k2", "k3", "k3_plus"])
+def test_sampled_token_estimators_train(student, teacher, tokenizer, tmp_path, estimator):
+    trainer = opd(student, teacher, tokenizer, tmp_path, estimator=estimator)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses(trainer))
+    assert "kl_k1" in trainer.state.log_history[0]
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+
+def test_top_k_and_clip_options_train(student, teacher, tokenizer, tmp_path):
+    trainer = opd(student, teacher, tokenizer, tmp_path, divergence="forward_kl", loss_top_k=8,
+                  loss_top_k_source="teacher", clip=0.05, distillation_temperature=1.1)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses(trainer))
+
+
+# ---------------------------------------------------------------- PEFT
+
+
+def test_lora_student_trains_only_the_adapter(student, teacher, tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    trainer = OPDTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), processing_class=tokenizer, train_dataset=prompt_dataset(),
+        args=OPDConfig(output_dir=str(tmp_path / "lora"), **cpu_args()),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    named = dict(trainer.model.named_parameters())
+    before = {name: p.detach().clone() for name, p in named.items()}
+    trainer.train()
+    changed = {name for name, p in named.items() if not torch.equal(before[name], p)}
+    assert changed and all("lora_" in name for name in changed)
+
+
+# ---------------------------------------------------------------- padded vocabularies
+
+
+def test_padded_lm_heads_around_one_tokenizer_are_sliced(tokenizer, tmp_path):
+    """Qwen-style: the same tokenizer, LM heads padded to different widths (methods.md §0.8)."""
+    student_dir = save_tiny(tmp_path / "s", tokenizer, vocab_size=len(tokenizer) + 5)
+    teacher_dir = save_tiny(tmp_path / "t", tokenizer, hidden=48, seed=1, vocab_size=len(tokenizer) + 37)
+    trainer = OPDTrainer(student_dir, teacher_dir, train_dataset=prompt_dataset(),
+                         args=OPDConfig(output_dir=str(tmp_path / "o"), **cpu_args(max_steps=1)))
+    assert trainer._loss_vocab_size == len(tokenizer)
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(value)) for value in losses(trainer))
