@@ -14,7 +14,16 @@ from trl_opd.losses import (
 )
 
 N, D_S, D_T, V = 7, 4, 5, 13
-DIVERGENCE_KEYS = ("divergence", "beta", "alpha", "temperature", "top_k", "top_k_source", "clip", "top_k_tail")
+DIVERGENCE_KEYS = (
+    "divergence",
+    "beta",
+    "alpha",
+    "temperature",
+    "top_k",
+    "top_k_source",
+    "clip",
+    "top_k_tail",
+)
 
 
 def make_inputs(seed=0, bias=False, vocab_t=V):
@@ -23,14 +32,14 @@ def make_inputs(seed=0, bias=False, vocab_t=V):
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=torch.float64)
 
-    return dict(
-        student_hidden=randn(N, D_S).requires_grad_(True),
-        student_head=randn(V, D_S).requires_grad_(True),
-        teacher_hidden=randn(N, D_T),
-        teacher_head=randn(vocab_t, D_T),
-        student_bias=randn(V).requires_grad_(True) if bias else None,
-        teacher_bias=randn(vocab_t) if bias else None,
-    )
+    return {
+        "student_hidden": randn(N, D_S).requires_grad_(True),
+        "student_head": randn(V, D_S).requires_grad_(True),
+        "teacher_hidden": randn(N, D_T),
+        "teacher_head": randn(vocab_t, D_T),
+        "student_bias": randn(V).requires_grad_(True) if bias else None,
+        "teacher_bias": randn(vocab_t) if bias else None,
+    }
 
 
 def dense_logits(hidden, head, bias, softcap, vocab_size):
@@ -44,9 +53,12 @@ def dense_logits(hidden, head, bias, softcap, vocab_size):
 
 
 def dense_per_token(inputs, softcap=None, teacher_softcap=None, vocab_size=None, **options):
-    student = dense_logits(inputs["student_hidden"], inputs["student_head"], inputs["student_bias"], softcap, vocab_size)
-    teacher = dense_logits(inputs["teacher_hidden"], inputs["teacher_head"], inputs["teacher_bias"], teacher_softcap,
-                           vocab_size)
+    student = dense_logits(
+        inputs["student_hidden"], inputs["student_head"], inputs["student_bias"], softcap, vocab_size
+    )
+    teacher = dense_logits(
+        inputs["teacher_hidden"], inputs["teacher_head"], inputs["teacher_bias"], teacher_softcap, vocab_size
+    )
     return per_token_divergence(student, teacher, **options), student
 
 
@@ -56,16 +68,29 @@ def student_grads(inputs, scalar):
 
 
 CASES = [
-    dict(),
-    dict(divergence="forward_kl", temperature=1.3, bias=True),
-    dict(divergence="jsd", beta=0.3, top_k=4, top_k_source="union"),
-    dict(divergence="forward_kl", clip=0.05, softcap=3.0, teacher_softcap=2.0),
-    dict(divergence="tvd", vocab_size=11, bias=True),
-    dict(divergence="skew_forward_kl", alpha=0.2, top_k=3, top_k_source="teacher", top_k_tail=True),
-    dict(divergence="skew_reverse_kl", temperature=0.7, vocab_size=12, softcap=4.0),
-    dict(divergence="reverse_kl", top_k=5, clip=0.1, temperature=1.1, bias=True),
-    dict(divergence="jsd", beta=1.0, vocab_size=11, bias=True, vocab_t=15),
-    dict(divergence="jsd", beta=0.7, temperature=0.9, softcap=3.0, teacher_softcap=3.0, bias=True),
+    {},
+    {"divergence": "forward_kl", "temperature": 1.3, "bias": True},
+    {"divergence": "jsd", "beta": 0.3, "top_k": 4, "top_k_source": "union"},
+    {"divergence": "forward_kl", "clip": 0.05, "softcap": 3.0, "teacher_softcap": 2.0},
+    {"divergence": "tvd", "vocab_size": 11, "bias": True},
+    {
+        "divergence": "skew_forward_kl",
+        "alpha": 0.2,
+        "top_k": 3,
+        "top_k_source": "teacher",
+        "top_k_tail": True,
+    },
+    {"divergence": "skew_reverse_kl", "temperature": 0.7, "vocab_size": 12, "softcap": 4.0},
+    {"divergence": "reverse_kl", "top_k": 5, "clip": 0.1, "temperature": 1.1, "bias": True},
+    {"divergence": "jsd", "beta": 1.0, "vocab_size": 11, "bias": True, "vocab_t": 15},
+    {
+        "divergence": "jsd",
+        "beta": 0.7,
+        "temperature": 0.9,
+        "softcap": 3.0,
+        "teacher_softcap": 3.0,
+        "bias": True,
+    },
 ]
 
 
@@ -84,7 +109,9 @@ def test_chunked_matches_dense(case, chunk_size):
     chunked = chunked_token_divergence(**inputs, chunk_size=chunk_size, **options)
     torch.testing.assert_close(chunked, dense, rtol=1e-10, atol=1e-12)
     weights = torch.linspace(0.1, 1.0, N, dtype=torch.float64)
-    for got, expected in zip(student_grads(inputs, (weights * chunked).sum()), student_grads(inputs, (weights * dense).sum())):
+    for got, expected in zip(
+        student_grads(inputs, (weights * chunked).sum()), student_grads(inputs, (weights * dense).sum())
+    ):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -107,8 +134,9 @@ def test_fused_matches_dense(case, chunk_size):
     coefficients[2] = 0.0  # an unselected token
     dense, student_logits = dense_per_token(inputs, **options)
     dense_loss = (coefficients * dense).sum()
-    loss, per_token, entropy = fused_divergence_loss(**inputs, coefficients=coefficients, chunk_size=chunk_size,
-                                                     **options)
+    loss, per_token, entropy = fused_divergence_loss(
+        **inputs, coefficients=coefficients, chunk_size=chunk_size, **options
+    )
     torch.testing.assert_close(loss, dense_loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(per_token, dense.detach(), rtol=1e-10, atol=1e-12)
     assert not per_token.requires_grad and not entropy.requires_grad
@@ -124,8 +152,9 @@ def test_fused_every_divergence(divergence):
     coefficients = torch.full((N,), 1.0 / N, dtype=torch.float64)
     dense, _ = dense_per_token(inputs, divergence=divergence, alpha=0.3)
     dense_loss = (coefficients * dense).sum()
-    loss, _, _ = fused_divergence_loss(**inputs, coefficients=coefficients, chunk_size=4, divergence=divergence,
-                                       alpha=0.3)
+    loss, _, _ = fused_divergence_loss(
+        **inputs, coefficients=coefficients, chunk_size=4, divergence=divergence, alpha=0.3
+    )
     torch.testing.assert_close(loss, dense_loss, rtol=1e-10, atol=1e-12)
     for got, expected in zip(student_grads(inputs, loss), student_grads(inputs, dense_loss)):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
@@ -152,16 +181,25 @@ def test_score_tokens_matches_dense(case):
     dense, student_logits = dense_per_token(inputs, **options)
     torch.testing.assert_close(scores.divergence, dense.detach(), rtol=1e-10, atol=1e-12)
     forward_options = {**options, "divergence": "forward_kl"}
-    forward, teacher_logits = dense_per_token(inputs, **forward_options)
+    forward, _teacher_logits = dense_per_token(inputs, **forward_options)
     torch.testing.assert_close(scores.forward_kl, forward.detach(), rtol=1e-10, atol=1e-12)
     temperature = options.get("temperature", 1.0)
-    torch.testing.assert_close(scores.student_entropy, entropy_from_logits(student_logits.detach(), temperature))
+    torch.testing.assert_close(
+        scores.student_entropy, entropy_from_logits(student_logits.detach(), temperature)
+    )
     if options.get("top_k") is None:
         assert scores.student_mass is None and scores.teacher_mass is None
     else:
-        teacher = dense_logits(inputs["teacher_hidden"], inputs["teacher_head"], inputs["teacher_bias"], None, None)
-        masses = top_k_mass(student_logits.detach(), teacher, top_k=options["top_k"],
-                            top_k_source=options["top_k_source"], temperature=temperature)
+        teacher = dense_logits(
+            inputs["teacher_hidden"], inputs["teacher_head"], inputs["teacher_bias"], None, None
+        )
+        masses = top_k_mass(
+            student_logits.detach(),
+            teacher,
+            top_k=options["top_k"],
+            top_k_source=options["top_k_source"],
+            temperature=temperature,
+        )
         torch.testing.assert_close(scores.student_mass, masses[0])
         torch.testing.assert_close(scores.teacher_mass, masses[1])
     assert not scores.divergence.requires_grad
@@ -195,21 +233,32 @@ def test_empty_input_and_bad_arguments():
 def test_empty_scoring_keeps_fields():
     inputs = {k: (v.detach()[:0] if k.endswith("hidden") else v) for k, v in make_inputs().items()}
     scores = score_tokens(**inputs, with_forward_kl=True, top_k=3)
-    assert scores.divergence.shape == (0,) and scores.forward_kl.shape == (0,) and scores.student_mass.shape == (0,)
+    assert (
+        scores.divergence.shape == (0,)
+        and scores.forward_kl.shape == (0,)
+        and scores.student_mass.shape == (0,)
+    )
 
 
-@pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3),
-                                              ("jsd", 1.0)])
+@pytest.mark.parametrize(
+    "divergence, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+)
 @pytest.mark.parametrize("temperature, softcap", [(1.0, None), (0.8, 2.5)])
 def test_closed_form_chunk_equals_autograd_chunk(divergence, beta, temperature, softcap):
-    from trl_opd.losses import _autograd_chunk, _closed_form_chunk, _divergence_options, _Head, _has_closed_form_gradient
+    from trl_opd.losses import (
+        _autograd_chunk,
+        _closed_form_chunk,
+        _divergence_options,
+        _has_closed_form_gradient,
+        _Head,
+    )
 
     inputs = make_inputs(seed=60, bias=True)
     student = _Head(inputs["student_head"].detach(), inputs["student_bias"].detach(), softcap, V)
     teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_head"].T + inputs["teacher_bias"]
     coefficients = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     coefficients[[0, 4]] = 0.0
-    options = _divergence_options(dict(divergence=divergence, beta=beta, temperature=temperature))
+    options = _divergence_options({"divergence": divergence, "beta": beta, "temperature": temperature})
     assert _has_closed_form_gradient(options)
     hidden = inputs["student_hidden"].detach()
     expected = _autograd_chunk(hidden, coefficients, student, teacher_logits, options)
@@ -231,6 +280,20 @@ def test_bfloat16_model_tensors_give_float32_results_close_to_float64():
     torch.testing.assert_close(per_token, chunked.detach())
     grads = torch.autograd.grad(loss, [half["student_hidden"], half["student_head"], half["student_bias"]])
     assert [g.dtype for g in grads] == [torch.bfloat16] * 3
-    reference = torch.autograd.grad(chunked.mean(), [half["student_hidden"], half["student_head"], half["student_bias"]])
+    reference = torch.autograd.grad(
+        chunked.mean(), [half["student_hidden"], half["student_head"], half["student_bias"]]
+    )
     for got, expected in zip(grads, reference):
         torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.01)
+
+
+def test_fused_without_gradient_gives_the_same_outputs():
+    inputs = make_inputs(seed=80, bias=True)
+    coefficients = torch.rand(N, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    options = {"coefficients": coefficients, "chunk_size": 3, "divergence": "jsd", "beta": 0.2, "top_k": 4}
+    with_grad = fused_divergence_loss(**inputs, **options)
+    with torch.no_grad():
+        without = fused_divergence_loss(**inputs, **options)
+    assert not without[0].requires_grad
+    for a, b in zip(without, with_grad):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-14)

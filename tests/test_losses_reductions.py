@@ -19,7 +19,10 @@ def batch(seed=0):
 def loop_reduction(losses, mask, weights, reduction, num_items=None, num_sequences=None):
     """The step-loss formulas of §0.7 with X_{b,t} = m w ℓ, written with explicit loops."""
     rows, cols = losses.shape
-    x = [[float(mask[b, t]) * weights[b, t].item() * losses[b, t].item() for t in range(cols)] for b in range(rows)]
+    x = [
+        [float(mask[b, t]) * weights[b, t].item() * losses[b, t].item() for t in range(cols)]
+        for b in range(rows)
+    ]
     lengths = [sum(int(mask[b, t]) for t in range(cols)) for b in range(rows)]
     if reduction == "token_mean":
         return sum(map(sum, x)) / (num_items if num_items is not None else max(sum(lengths), 1))
@@ -33,7 +36,9 @@ def loop_reduction(losses, mask, weights, reduction, num_items=None, num_sequenc
     return sum(map(sum, x)) / selected
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean"])
+@pytest.mark.parametrize(
+    "reduction", ["token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean"]
+)
 @pytest.mark.parametrize("use_weights", [False, True])
 def test_reductions_match_formulas(reduction, use_weights):
     losses, mask, weights = batch()
@@ -51,7 +56,9 @@ def test_reductions_match_formulas(reduction, use_weights):
 def test_explicit_normalisers():
     losses, mask, weights = batch(1)
     got = reduce_token_losses(losses, mask, weights, reduction="token_mean", num_items=torch.tensor(20.0))
-    assert got.item() == pytest.approx(loop_reduction(losses, mask, weights, "token_mean", num_items=20), rel=1e-12)
+    assert got.item() == pytest.approx(
+        loop_reduction(losses, mask, weights, "token_mean", num_items=20), rel=1e-12
+    )
     got = reduce_token_losses(losses, mask, weights, reduction="sequence_mean", num_sequences=8)
     expected = loop_reduction(losses, mask, weights, "sequence_mean", num_sequences=8)
     assert got.item() == pytest.approx(expected, rel=1e-12)
@@ -64,14 +71,18 @@ def test_token_mean_gradient_accumulation_equivalence():
     whole = losses.clone().requires_grad_(True)
     reduce_token_losses(whole, mask, weights, num_items=n_step).backward()
     halves = losses.clone().requires_grad_(True)
-    total = sum(reduce_token_losses(halves[rows], mask[rows], weights[rows], num_items=n_step)
-                for rows in (slice(0, 2), slice(2, 4)))
+    total = sum(
+        reduce_token_losses(halves[rows], mask[rows], weights[rows], num_items=n_step)
+        for rows in (slice(0, 2), slice(2, 4))
+    )
     total.backward()
     torch.testing.assert_close(whole.grad, halves.grad, rtol=1e-12, atol=0)
     # and two processes each passing N_step / 2, whose gradients DDP averages
     averaged = losses.clone().requires_grad_(True)
-    per_rank = [reduce_token_losses(averaged[rows], mask[rows], weights[rows], num_items=n_step / 2)
-                for rows in (slice(0, 2), slice(2, 4))]
+    per_rank = [
+        reduce_token_losses(averaged[rows], mask[rows], weights[rows], num_items=n_step / 2)
+        for rows in (slice(0, 2), slice(2, 4))
+    ]
     (sum(per_rank) / 2).backward()
     torch.testing.assert_close(whole.grad, averaged.grad, rtol=1e-12, atol=0)
 
@@ -95,7 +106,9 @@ def test_degenerate_batches_give_zero_not_nan():
     for reduction in ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean"):
         assert reduce_token_losses(losses, empty, reduction=reduction).item() == 0.0
     zero_weights = torch.zeros(2, 3)
-    assert reduce_token_losses(losses, torch.ones(2, 3), zero_weights, reduction="weighted_mean").item() == 0.0
+    assert (
+        reduce_token_losses(losses, torch.ones(2, 3), zero_weights, reduction="weighted_mean").item() == 0.0
+    )
 
 
 def test_bad_inputs_raise():

@@ -53,7 +53,9 @@ def _check_divergence_options(divergence, beta, alpha, temperature, top_k, top_k
     _check_unit_interval("alpha", alpha)
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 (it divides the logits).")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
         raise ValueError(f"top_k={top_k!r} must be a positive integer, or None for the full vocabulary.")
     _check_choice("top_k_source", top_k_source, TOP_K_SOURCES)
     if clip is not None and not clip > 0:
@@ -407,9 +409,13 @@ def reduce_token_losses(
     Unsupervised positions are excluded with a ``where``, so garbage (NaN/inf) there cannot leak in.
     """
     if per_token.shape != mask.shape:
-        raise ValueError(f"per_token shape {tuple(per_token.shape)} must equal mask shape {tuple(mask.shape)}.")
+        raise ValueError(
+            f"per_token shape {tuple(per_token.shape)} must equal mask shape {tuple(mask.shape)}."
+        )
     dtype = _compute_dtype(per_token)
-    coefficients = _coefficients(mask, weights, reduction, num_items, num_sequences, dtype).to(per_token.dtype)
+    coefficients = _coefficients(mask, weights, reduction, num_items, num_sequences, dtype).to(
+        per_token.dtype
+    )
     kept = torch.where(coefficients != 0, per_token, torch.zeros_like(per_token))
     return (coefficients * kept).sum()
 
@@ -499,8 +505,12 @@ def _divergence_options(options: dict) -> dict:
             f"Unknown divergence option(s) {sorted(unknown)}; accepted: {sorted(_DIVERGENCE_DEFAULTS)}."
         )
     merged = {**_DIVERGENCE_DEFAULTS, **options}
-    _check_divergence_options(*(merged[key] for key in
-                                ("divergence", "beta", "alpha", "temperature", "top_k", "top_k_source", "clip")))
+    _check_divergence_options(
+        *(
+            merged[key]
+            for key in ("divergence", "beta", "alpha", "temperature", "top_k", "top_k_source", "clip")
+        )
+    )
     return merged
 
 
@@ -511,7 +521,9 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias, sof
             f"{tuple(weight.shape)} (flatten the supervised positions first)."
         )
     if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"{name}_hidden width {hidden.shape[1]} does not match {name}_head width {weight.shape[1]}.")
+        raise ValueError(
+            f"{name}_hidden width {hidden.shape[1]} does not match {name}_head width {weight.shape[1]}."
+        )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"{name}_bias must have shape [{weight.shape[0]}], got {tuple(bias.shape)}.")
     if softcap is not None and not softcap > 0:
@@ -519,8 +531,17 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias, sof
 
 
 def _prepare_chunked(
-    student_hidden, student_head, student_bias, softcap, teacher_hidden, teacher_head, teacher_bias,
-    teacher_softcap, vocab_size, chunk_size, divergence_kwargs,
+    student_hidden,
+    student_head,
+    student_bias,
+    softcap,
+    teacher_hidden,
+    teacher_head,
+    teacher_bias,
+    teacher_softcap,
+    vocab_size,
+    chunk_size,
+    divergence_kwargs,
 ) -> tuple[_Head, _Head, dict]:
     """Validate the chunked-path inputs; bundle each side's output layer and the full divergence options."""
     _check_head("student", student_hidden, student_head, student_bias, softcap)
@@ -538,7 +559,9 @@ def _prepare_chunked(
             )
         vocab_size = rows[0]
     if not 1 <= vocab_size <= min(rows):
-        raise ValueError(f"vocab_size={vocab_size} must be between 1 and the smaller LM head size {min(rows)}.")
+        raise ValueError(
+            f"vocab_size={vocab_size} must be between 1 and the smaller LM head size {min(rows)}."
+        )
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens.")
     return (
@@ -550,7 +573,10 @@ def _prepare_chunked(
 
 def _chunks(num_tokens: int, chunk_size: int) -> list[slice]:
     """Row slices of at most chunk_size tokens; one empty slice for N = 0 so outputs keep their shapes."""
-    return [slice(start, min(start + chunk_size, num_tokens)) for start in range(0, max(num_tokens, 1), chunk_size)]
+    return [
+        slice(start, min(start + chunk_size, num_tokens))
+        for start in range(0, max(num_tokens, 1), chunk_size)
+    ]
 
 
 def _chunk_divergence(student_hidden, teacher_hidden, student: _Head, teacher: _Head, options: dict):
@@ -593,15 +619,31 @@ def chunked_token_divergence(
             temperature, top_k, top_k_source, clip, top_k_tail).
     """
     student, teacher, options = _prepare_chunked(
-        student_hidden, student_head, student_bias, softcap, teacher_hidden, teacher_head, teacher_bias,
-        teacher_softcap, vocab_size, chunk_size, divergence_kwargs,
+        student_hidden,
+        student_head,
+        student_bias,
+        softcap,
+        teacher_hidden,
+        teacher_head,
+        teacher_bias,
+        teacher_softcap,
+        vocab_size,
+        chunk_size,
+        divergence_kwargs,
     )
     teacher_hidden = teacher_hidden.detach()
     pieces = []
     for rows in _chunks(student_hidden.shape[0], chunk_size):
         if torch.is_grad_enabled():
-            piece = checkpoint(_chunk_divergence, student_hidden[rows], teacher_hidden[rows], student, teacher,
-                               options, use_reentrant=False)
+            piece = checkpoint(
+                _chunk_divergence,
+                student_hidden[rows],
+                teacher_hidden[rows],
+                student,
+                teacher,
+                options,
+                use_reentrant=False,
+            )
         else:
             piece = _chunk_divergence(student_hidden[rows], teacher_hidden[rows], student, teacher, options)
         pieces.append(piece)
@@ -672,8 +714,18 @@ class _FusedDivergenceFunction(torch.autograd.Function):
     """Liger-style fused linear + divergence: gradients are computed in forward, backward only scales them."""
 
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, coefficients,
-                student: _Head, teacher: _Head, options: dict, chunk_size: int):
+    def forward(
+        ctx,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        coefficients,
+        student: _Head,
+        teacher: _Head,
+        options: dict,
+        chunk_size: int,
+    ):
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dtype = _compute_dtype(student_hidden)
         vocab = student.vocab_size
@@ -703,7 +755,9 @@ class _FusedDivergenceFunction(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias[:vocab] += grad_logits.sum(dim=0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.input_dtypes = tuple(None if t is None else t.dtype for t in (student_hidden, student_weight, student_bias))
+        ctx.input_dtypes = tuple(
+            None if t is None else t.dtype for t in (student_hidden, student_weight, student_bias)
+        )
         ctx.mark_non_differentiable(per_token, entropy)
         return loss, per_token, entropy
 
@@ -750,15 +804,53 @@ def fused_divergence_loss(
         temperature over the full (vocab_size-sliced) vocabulary. float32 (float64 for float64 inputs).
     """
     student, teacher, options = _prepare_chunked(
-        student_hidden, student_head, student_bias, softcap, teacher_hidden, teacher_head, teacher_bias,
-        teacher_softcap, vocab_size, chunk_size, divergence_kwargs,
+        student_hidden,
+        student_head,
+        student_bias,
+        softcap,
+        teacher_hidden,
+        teacher_head,
+        teacher_bias,
+        teacher_softcap,
+        vocab_size,
+        chunk_size,
+        divergence_kwargs,
     )
     if coefficients.shape != student_hidden.shape[:1]:
         raise ValueError(
             f"coefficients must have shape [{student_hidden.shape[0]}] (one per token), got {tuple(coefficients.shape)}."
         )
-    return _FusedDivergenceFunction.apply(student_hidden, student_head, student_bias, teacher_hidden.detach(),
-                                          coefficients.detach(), student, teacher, options, chunk_size)
+    trainable = [t for t in (student_hidden, student_head, student_bias) if t is not None and t.requires_grad]
+    if not (torch.is_grad_enabled() and trainable):  # evaluation: skip the gradient work altogether
+        return _no_grad_loss(
+            student_hidden, teacher_hidden, coefficients, student, teacher, options, chunk_size
+        )
+    return _FusedDivergenceFunction.apply(
+        student_hidden,
+        student_head,
+        student_bias,
+        teacher_hidden.detach(),
+        coefficients.detach(),
+        student,
+        teacher,
+        options,
+        chunk_size,
+    )
+
+
+@torch.no_grad()
+def _no_grad_loss(
+    student_hidden, teacher_hidden, coefficients, student: _Head, teacher: _Head, options, chunk_size
+):
+    """fused_divergence_loss's outputs when no gradient is wanted."""
+    per_token, entropy = [], []
+    for rows in _chunks(student_hidden.shape[0], chunk_size):
+        logits = student.logits(student_hidden[rows])
+        per_token.append(per_token_divergence(logits, teacher.logits(teacher_hidden[rows]), **options))
+        entropy.append(entropy_from_logits(logits, options["temperature"]))
+    per_token, entropy = torch.cat(per_token), torch.cat(entropy)
+    coefficients = coefficients.to(per_token.dtype)
+    return (coefficients * torch.where(coefficients != 0, per_token, 0.0)).sum(), per_token, entropy
 
 
 class TokenScores(NamedTuple):
@@ -796,8 +888,17 @@ def score_tokens(
     :func:`chunked_token_divergence`.
     """
     student, teacher, options = _prepare_chunked(
-        student_hidden, student_head, student_bias, softcap, teacher_hidden, teacher_head, teacher_bias,
-        teacher_softcap, vocab_size, chunk_size, divergence_kwargs,
+        student_hidden,
+        student_head,
+        student_bias,
+        softcap,
+        teacher_hidden,
+        teacher_head,
+        teacher_bias,
+        teacher_softcap,
+        vocab_size,
+        chunk_size,
+        divergence_kwargs,
     )
     pieces = []
     for rows in _chunks(student_hidden.shape[0], chunk_size):
@@ -810,10 +911,15 @@ def score_tokens(
 def _score_chunk(student_logits, teacher_logits, options: dict, with_forward_kl: bool) -> TokenScores:
     forward_kl = student_mass = teacher_mass = None
     if with_forward_kl:
-        forward_kl = per_token_divergence(student_logits, teacher_logits, **{**options, "divergence": "forward_kl"})
+        forward_kl = per_token_divergence(
+            student_logits, teacher_logits, **{**options, "divergence": "forward_kl"}
+        )
     if options["top_k"] is not None:
         student_mass, teacher_mass = top_k_mass(
-            student_logits, teacher_logits, top_k=options["top_k"], top_k_source=options["top_k_source"],
+            student_logits,
+            teacher_logits,
+            top_k=options["top_k"],
+            top_k_source=options["top_k_source"],
             temperature=options["temperature"],
         )
     return TokenScores(
