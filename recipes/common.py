@@ -34,16 +34,18 @@ class RecipeArguments(ScriptArguments):
     testbed_eval_size: int = field(default=300, metadata={"help": "Toy held-out problems for the report."})
 
 
-def parse_recipe_args(config_class):
-    """`(recipe, training args, model args)` from `--config file.yaml` plus command-line overrides.
+def parse_recipe_args(config_class, *extra_classes):
+    """`(recipe, training args, model args, *extra)` from `--config file.yaml` plus command-line overrides.
 
+    `extra_classes`: further argument dataclasses of a recipe (e.g. `ColdStartArguments`), parsed from the same YAML.
     Unknown YAML keys are errors (TRL's scripts pass `fail_with_unknown_args=False`; we keep typos loud).
     """
-    parser = TrlParser((RecipeArguments, config_class, ModelConfig))
-    recipe, args, model_args = parser.parse_args_and_config()
+    parser = TrlParser((RecipeArguments, config_class, ModelConfig, *extra_classes))
+    parsed = tuple(parser.parse_args_and_config())
+    recipe = parsed[0]
     if recipe.testbed is None and recipe.dataset_name is None:
         parser.error("Set `dataset_name` (real data) or `testbed` (offline toy) in the YAML or on the command line.")
-    return recipe, args, model_args
+    return parsed
 
 
 @dataclass
@@ -80,10 +82,12 @@ def load_models_and_data(recipe: RecipeArguments, args, model_args: ModelConfig)
 
 
 def _model_init_kwargs(model_args: ModelConfig) -> dict:
-    """TRL's script pattern: revision, remote code, attention and dtype from ModelConfig, plus quantization."""
+    """TRL's script pattern: revision, attention and dtype from ModelConfig, plus quantization.
+
+    `trust_remote_code` is a field of the training config in TRL 1.16 (not of ModelConfig); the trainers pass it on.
+    """
     kwargs = {
         "revision": model_args.model_revision,
-        "trust_remote_code": model_args.trust_remote_code,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
     }
@@ -98,7 +102,7 @@ def _model_init_kwargs(model_args: ModelConfig) -> dict:
 
 def _real_setup(recipe: RecipeArguments, args, model_args: ModelConfig) -> RecipeSetup:
     args.model_init_kwargs = {**_model_init_kwargs(model_args), **(args.model_init_kwargs or {})}
-    teacher_kwargs = {"trust_remote_code": model_args.trust_remote_code, "dtype": model_args.dtype}
+    teacher_kwargs = {"dtype": model_args.dtype}
     args.teacher_model_init_kwargs = {**teacher_kwargs, **(args.teacher_model_init_kwargs or {})}
     if Path(recipe.dataset_name).suffix in (".json", ".jsonl", ".parquet", ".csv"):
         kind = {".jsonl": "json"}.get(Path(recipe.dataset_name).suffix, Path(recipe.dataset_name).suffix[1:])

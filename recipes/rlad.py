@@ -1,0 +1,61 @@
+"""RLAD (trust-region ratio distillation inside GRPO) with `trl_opd.RLADTrainer`.
+
+Real models (YAML keys are exactly the fields of ScriptArguments, RLADConfig and ModelConfig):
+
+    accelerate launch recipes/rlad.py --config recipes/rlad.yaml
+
+The offline toy (the testbed's arithmetic task; prints teacher accuracy, student accuracy before and after, and the
+share of the gap recovered):
+
+    accelerate launch recipes/rlad.py --config recipes/toy/rlad.yaml     # or: python recipes/rlad.py --config ...
+
+Rewards: the boxed answer graded like the evaluators (`math_accuracy_reward`, reads the dataset's `answer` or
+`solution` column) plus a small format term (`boxed_format_reward`); their weights are `reward_weights` in the YAML.
+Plain-text prompts of a real dataset are given the evaluators' instruction ("... put your final answer within
+\\boxed{}.") as a user message. `--rlad_alpha 1.0` is plain GRPO; `--aapa_discriminator_path file.pt` adds the AAPA
+anchor reward (train the discriminator with `trl_opd.anchor.AnchorDiscriminator`, see bench/bench_rlad.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
+
+from common import RecipeArguments, load_models_and_data, parse_recipe_args, report_toy_results  # noqa: E402
+from trl_opd import RLADConfig, RLADTrainer  # noqa: E402
+from trl_opd.eval.prompts import render_problem  # noqa: E402
+from trl_opd.rewards import boxed_format_reward, math_accuracy_reward  # noqa: E402
+
+REWARD_FUNCS = [math_accuracy_reward, boxed_format_reward]
+
+
+def with_math_instruction(dataset):
+    """Plain-text prompts become one user message asking for a boxed answer; conversational prompts stay."""
+    if isinstance(dataset[0]["prompt"], list):
+        return dataset
+    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": render_problem(row["prompt"])}]})
+
+
+def main(recipe: RecipeArguments, args: RLADConfig, model_args) -> None:
+    setup = load_models_and_data(recipe, args, model_args)
+    train_dataset = setup.train_dataset if recipe.testbed else with_math_instruction(setup.train_dataset)
+    trainer = RLADTrainer(
+        model=setup.student,
+        reward_funcs=REWARD_FUNCS,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+        teacher_model=setup.teacher,
+    )
+    setup.evaluate("student before", trainer.model)
+    trainer.train()
+    trainer.save_model(args.output_dir)
+    setup.evaluate("student after", trainer.model)
+    report_toy_results(setup, args.output_dir)
+
+
+if __name__ == "__main__":
+    main(*parse_recipe_args(RLADConfig))

@@ -1,0 +1,126 @@
+"""`RLADConfig`: `trl.GRPOConfig` plus the teacher, the TRRD ratio (methods.md §10) and the AAPA anchor (§11)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLADConfig(GRPOConfig):
+    r"""
+    Configuration for [`RLADTrainer`]: every field of `trl.GRPOConfig` plus the fields below.
+
+    RLAD (arXiv 2602.22495) keeps GRPO's outcome advantage and replaces GRPO's importance ratio π_θ / π_old by the
+    trust-region ratio r = π_θ / (π_old^α · π_T^(1−α)), with the teacher log-ratio clamped to [−c, c] (Eq. 3). Every
+    other GRPO option (reward functions, `loss_type`, `beta`, `scale_rewards`, vLLM, ...) works unchanged. With
+    `rlad_alpha=1.0` RLADTrainer trains exactly like `trl.GRPOTrainer` (the teacher is then only scored for the logs).
+
+    The asymmetric clip range of the surrogate is GRPO's own: `epsilon` (ε_low) and `epsilon_high` (ε_high; `None`
+    means `epsilon`). The paper uses ε_low = 0.2, ε_high = 0.28, `loss_type="grpo"`, `beta=0.0`, 8 generations and
+    α = 0.5; TRL's defaults are kept here (so the α = 1 config is a plain GRPOConfig) and `recipes/rlad.yaml` sets the
+    paper's values.
+
+    Parameters:
+        > Teacher (same names as `trl.DistillationConfig`)
+
+        teacher_model_name_or_path (`str` or `None`, defaults to `None`):
+            Teacher model id or path, used when the trainer gets no `teacher_model`. It must share the student's
+            tokenizer (its LM head may be wider, e.g. Qwen2.5-7B's 152,064 rows around the 151,936 of Qwen2.5-1.5B).
+        teacher_model_revision (`str` or `None`, defaults to `None`):
+            Revision of the teacher (branch, tag or commit).
+        teacher_model_init_kwargs (`dict` or `None`, defaults to `None`):
+            Keyword arguments for `AutoModelForCausalLM.from_pretrained` when the teacher is given as a string.
+
+        > Trust-region ratio distillation (methods.md §10)
+
+        rlad_alpha (`float`, defaults to `0.5`):
+            α in [0, 1], the old policy's weight in the geometric mixture the ratio is taken against. 1 is plain GRPO,
+            0 anchors the trust region to the teacher alone (Eq. 3; the opposite reading in the paper's §4.1 is a
+            typo). The paper uses 0.5.
+        rlad_teacher_clamp (`float`, defaults to `1.0`):
+            c > 0: the teacher log-ratio log π_θ − log π_T is clamped to [−c, c] (App. B: suppresses outlier ratios
+            from the early teacher–student mismatch). `inf` disables the clamp. The clamp is *straight-through*
+            (methods.md §10.4 item 2): it bounds the value of the ratio and leaves its gradient, ∇ log π_θ, as in
+            Eq. 3 without the clamp. This is what lets RLADTrainer run GRPO's own loss for every `loss_type`.
+
+        > AAPA anchor reward (methods.md §11; our design, see `trl_opd.anchor`)
+
+        aapa_discriminator_path (`str` or `None`, defaults to `None`):
+            Path of a frozen `trl_opd.anchor.AnchorDiscriminator` (trained once offline on expert vs initial-policy
+            responses). When set, its clipped log-odds s(y) is added to the reward functions as `anchor_reward`.
+        aapa_weight (`float`, defaults to `0.1`):
+            Weight λ of the anchor reward in GRPO's weighted reward sum (the other reward functions keep the weights
+            of `reward_weights`, or 1).
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
+
+    teacher_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher model id or path (same tokenizer as the student)."}
+    )
+    teacher_model_revision: str | None = field(
+        default=None, metadata={"help": "Revision of the teacher (branch, tag or commit)."}
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "from_pretrained kwargs for a teacher given as a string."}
+    )
+    rlad_alpha: float = field(
+        default=0.5,
+        metadata={"help": "Old-policy weight α in [0, 1] of the ratio's anchor π_old^α·π_T^(1−α); 1 = plain GRPO."},
+    )
+    rlad_teacher_clamp: float = field(
+        default=1.0,
+        metadata={"help": "c > 0: clamp of the teacher log-ratio to [−c, c] (straight-through); inf = no clamp."},
+    )
+    aapa_discriminator_path: str | None = field(
+        default=None, metadata={"help": "Frozen AnchorDiscriminator file; adds its score as a reward term."}
+    )
+    aapa_weight: float = field(default=0.1, metadata={"help": "Weight λ of the AAPA anchor reward."})
+
+    def __post_init__(self):
+        self._validate_rlad_fields()
+        super().__post_init__()
+        self._warn_if_clamp_is_evaluated_late()
+
+    def _validate_rlad_fields(self) -> None:
+        """Checks that need no model: they run at construction, before anything is loaded."""
+        if not 0.0 <= self.rlad_alpha <= 1.0:
+            raise ValueError(
+                f"`rlad_alpha` must be in [0, 1], got {self.rlad_alpha}: 1 is plain GRPO, 0 anchors the ratio to the "
+                "teacher alone, the paper uses 0.5."
+            )
+        if not self.rlad_teacher_clamp > 0:  # also rejects NaN
+            raise ValueError(
+                f"`rlad_teacher_clamp` must be > 0, got {self.rlad_teacher_clamp}: it bounds |log π_θ − log π_T| "
+                "(the paper uses 1.0; `inf` disables the clamp)."
+            )
+        if not math.isfinite(self.aapa_weight):
+            raise ValueError(f"`aapa_weight` must be a finite number, got {self.aapa_weight}.")
+        if self.rlad_alpha < 1.0 and self.beta != 0.0 and self.use_bias_correction_kl:
+            raise ValueError(
+                "With beta > 0 GRPO multiplies the reference KL by its importance ratio (`use_bias_correction_kl`), "
+                "and RLAD replaces that ratio by the teacher-anchored one, which would reweight the KL by "
+                "(π_old/π_T)^(1−α). Set `use_bias_correction_kl=False`, or `beta=0.0` (the paper's setting)."
+            )
+
+    def _warn_if_clamp_is_evaluated_late(self) -> None:
+        # The anchor is fixed when the batch is generated; GRPO's ratio equals Eq. 3 only while π_θ = π_old in value,
+        # i.e. while no optimizer step falls inside a generation batch (GRPO's own test for needing old log-probs).
+        spans_optimizer_steps = self.gradient_accumulation_steps % (self.steps_per_generation * self.num_iterations)
+        if self.rlad_alpha < 1.0 and spans_optimizer_steps:
+            logger.warning(
+                "RLAD with num_iterations=%d, steps_per_generation=%d and gradient_accumulation_steps=%d reuses a "
+                "generation batch across optimizer steps: the teacher clamp is then evaluated at the behaviour policy "
+                "instead of the current one (methods.md §10.4 item 4). For Eq. 3 exactly, use num_iterations=1 and a "
+                "steps_per_generation that divides gradient_accumulation_steps.",
+                self.num_iterations,
+                self.steps_per_generation,
+                self.gradient_accumulation_steps,
+            )
