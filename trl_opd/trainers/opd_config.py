@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
 from ..losses import DIVERGENCES, ESTIMATORS
+from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
+from .self_distillation import SELF_TEACHER, resolve_teacher_prompt_template
 
 LOSS_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
 TOP_K_SOURCES = ("student", "teacher", "union")
 LOSS_IMPLEMENTATIONS = ("fused", "checkpointed")
+TOKEN_SELECTIONS = ("none",) + tuple(f"tip_{strategy}" for strategy in TIP_STRATEGIES)
+POSITION_WEIGHTINGS = ("none",) + POSITION_DIRECTIONS
+EVIDENCE_MASKS = ("none",) + EVIDENCE_MODES
 
 
 def _require_unit_interval(name: str, value: float) -> None:
@@ -88,6 +95,88 @@ class OPDConfig(DistillationConfig):
             1.0 (pure on-policy, DistillationTrainer's behaviour).
         seq_kd (`bool`, defaults to `False`):
             When the coin says off-policy, generate the completions with the teacher instead of reading the dataset.
+
+        > Token selection: TIP (methods.md §3, arXiv 2604.14084)
+
+        token_selection (`str`, defaults to `"none"`):
+            `"none"` (every token), or a TIP selector applied to each micro-batch: `"tip_soft_or"` (top ρ by the
+            Soft-OR of normalised student entropy and divergence), `"tip_entropy_sample"` (sample ρ without
+            replacement with probability ∝ entropy), `"tip_q3"` (top ρ by forward KL × confidence: overconfident
+            tokens the teacher disagrees with), `"tip_divergence_only"` (top ρ by divergence). Scores come from a
+            no-grad chunked pass at the distillation temperature (entropy over the full vocabulary, the loss's own
+            per-token divergence); only the selected tokens enter the LM head with gradients. TIP's paper normalises
+            by the selected tokens: set `loss_reduction="weighted_mean"` to reproduce it.
+        token_ratio (`float`, defaults to `0.5`):
+            Retention ratio ρ ∈ (0, 1]: each sequence keeps max(1, ⌊ρ·L⌋) of its L completion tokens.
+        token_selection_scope (`str`, defaults to `"sequence"`):
+            `"sequence"`: the budget is per sequence; `"batch"`: max(1, ⌊ρ·ΣL⌋) over the micro-batch. The entropy
+            clip and min-max statistics are always taken over the micro-batch on this process.
+        token_importance_weighting (`bool`, defaults to `False`):
+            With `"tip_entropy_sample"` only: Poisson sampling with inclusion probability π = min(1, k·h/Σh) and
+            weights 1/π, an unbiased estimate of the all-token loss (use a reduction that counts all tokens, such
+            as `"token_mean"`).
+        token_scoring_chunk_size (`int` or `None`, defaults to `None`):
+            Tokens per chunk of the no-grad scoring pass. `None` uses ⌈ρ·`loss_chunk_size`⌉, so that the scoring
+            pass never holds more logits than the gradient pass does on its selected tokens.
+
+        > Position weights: PW-OPSD (methods.md §4, arXiv 2605.21606)
+
+        position_weighting (`str`, defaults to `"none"`):
+            `"increasing"` (PW-OPSD: w = w_min + (1 − w_min)·σ((u − τ)/s) of the relative position u of a token in
+            its own completion), `"decreasing"` (the mirror image, IW-OPD's direction) or `"none"`. The PW-OPSD
+            paper pairs it with `loss_reduction="sequence_mean"`.
+        position_w_min (`float`, defaults to `0.25`), position_tau (`float`, defaults to `0.30`),
+        position_slope (`float`, defaults to `0.10`):
+            w_min ∈ [0, 1], centre τ and width s > 0 of the sigmoid (the paper's "Moderate" schedule).
+
+        > Evidence mask: EDGE-OPD (methods.md §5.2, our design: the paper gives no formula)
+
+        evidence_mode (`str`, defaults to `"none"`):
+            Train only where the teacher supports the sampled token more than the student does:
+            e_t = log p_T(ŷ_t) − log p_S(ŷ_t) at the distillation temperature (teacher with its privileged prompt,
+            student on the plain prompt). `"threshold"` keeps e_t > `evidence_threshold`; `"quantile"` keeps the top
+            `evidence_quantile` share of e over the micro-batch's tokens; `"none"` keeps every token. EDGE-OPD pairs
+            it with `loss_reduction="weighted_mean"`.
+        evidence_threshold (`float`, defaults to `0.0`):
+            Margin τ_e in nats for `"threshold"`.
+        evidence_quantile (`float`, defaults to `0.2`):
+            Share q ∈ (0, 1] kept by `"quantile"`.
+
+        > Self-distillation and privileged context: OPSD, EDGE-OPD (methods.md §0.9, §2, §5)
+
+        teacher_model_name_or_path (`str` or `None`):
+            Inherited. `"self"` (here or as the trainer's `teacher_model=`) makes the teacher the student's own frozen
+            initial weights: with PEFT the student with its adapter disabled, otherwise a frozen copy made before
+            training.
+        use_teacher_context (`bool` or `None`, defaults to `None`):
+            Show the teacher a privileged prompt built from `teacher_prompt_template` and the row's
+            `teacher_context_column`. `None` means "yes for `teacher_model="self"`, no for an external teacher".
+        teacher_context_column (`str`, defaults to `"solution"`):
+            Dataset column holding the privileged context (e.g. a reference solution).
+        teacher_problem_column (`str` or `None`, defaults to `None`):
+            Dataset column for the template's `{problem}`. `None` uses the student's prompt (its last user message
+            for conversations).
+        teacher_prompt_template (`str`, defaults to `"opsd_v2"`):
+            A preset (`"opsd_v2"`, `"opsd_v1"`: the OPSD prompts of methods.md §2.3) or a template string with a
+            `{problem}` placeholder and a `{solution}` or `{context}` placeholder; other braces are literal. For a
+            conversational prompt the rendered text replaces the last user message.
+        student_chat_template_kwargs (`dict` or `None`, defaults to `None`),
+        teacher_chat_template_kwargs (`dict` or `None`, defaults to `None`):
+            Per-role chat-template arguments, merged over the shared `chat_template_kwargs` (e.g. OPSD:
+            `{enable_thinking: false}` for the student, `{enable_thinking: true}` for the teacher). When the
+            teacher's differ from the student's, the teacher's prompt is tokenised separately even without
+            privileged context.
+        guided_fraction (`float`, defaults to `0.0`):
+            EDGE-OPD guided rollouts: this share of training prompts is generated from the teacher's privileged
+            prompt instead of the plain one; the loss still scores the completion after the plain student prompt.
+            Each row's decision is drawn from (`seed`, step, global row index), so it is reproducible and
+            independent of the process layout. Needs the privileged context. Guided rows are off-policy for the
+            student; no importance correction is applied (methods.md §5.2).
+        explicit_position_ids (`bool`, defaults to `True`):
+            Pass position ids cumsum(attention_mask) − 1 to both models (methods.md §0.8), so that left-padded rows
+            are scored at the positions they were generated at, whatever the padding of either side. `False` lets
+            the model number positions from the padded start, as `trl.DistillationTrainer` does (identical with
+            RoPE up to rounding).
     """
 
     beta: float = field(
@@ -132,6 +221,61 @@ class OPDConfig(DistillationConfig):
     seq_kd: bool = field(
         default=False, metadata={"help": "Off-policy batches come from teacher generations instead of the dataset."}
     )
+    # token selection (TIP)
+    token_selection: str = field(
+        default="none", metadata={"help": "Token selection: " + ", ".join(TOKEN_SELECTIONS) + "."}
+    )
+    token_ratio: float = field(default=0.5, metadata={"help": "TIP retention ratio rho in (0, 1]."})
+    token_selection_scope: str = field(
+        default="sequence", metadata={"help": "TIP budget per 'sequence' or over the micro-'batch'."}
+    )
+    token_importance_weighting: bool = field(
+        default=False, metadata={"help": "tip_entropy_sample only: Poisson sampling with 1/pi weights (unbiased)."}
+    )
+    token_scoring_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per chunk of the no-grad TIP scoring pass; None = ceil(rho * loss_chunk_size)."},
+    )
+    # position weights (PW-OPSD)
+    position_weighting: str = field(
+        default="none", metadata={"help": "Position weights: " + ", ".join(POSITION_WEIGHTINGS) + "."}
+    )
+    position_w_min: float = field(default=0.25, metadata={"help": "PW-OPSD floor weight w_min in [0, 1]."})
+    position_tau: float = field(default=0.30, metadata={"help": "PW-OPSD sigmoid centre (relative position)."})
+    position_slope: float = field(default=0.10, metadata={"help": "PW-OPSD sigmoid width s > 0."})
+    # evidence mask (EDGE-OPD)
+    evidence_mode: str = field(
+        default="none", metadata={"help": "Evidence mask: " + ", ".join(EVIDENCE_MASKS) + "."}
+    )
+    evidence_threshold: float = field(default=0.0, metadata={"help": "Evidence margin in nats ('threshold')."})
+    evidence_quantile: float = field(default=0.2, metadata={"help": "Share of tokens kept by 'quantile', in (0, 1]."})
+    # self-distillation and privileged context (OPSD, EDGE-OPD)
+    use_teacher_context: bool | None = field(
+        default=None,
+        metadata={"help": "Privileged teacher prompt; None = on for teacher_model='self', off otherwise."},
+    )
+    teacher_context_column: str = field(
+        default="solution", metadata={"help": "Dataset column with the privileged context."}
+    )
+    teacher_problem_column: str | None = field(
+        default=None, metadata={"help": "Dataset column for {problem}; None = the student's prompt."}
+    )
+    teacher_prompt_template: str = field(
+        default="opsd_v2",
+        metadata={"help": "Preset (opsd_v2, opsd_v1) or template with {problem} and {solution}/{context}."},
+    )
+    student_chat_template_kwargs: dict | None = field(
+        default=None, metadata={"help": "Chat-template kwargs for the student's prompt (over chat_template_kwargs)."}
+    )
+    teacher_chat_template_kwargs: dict | None = field(
+        default=None, metadata={"help": "Chat-template kwargs for the teacher's prompt (over chat_template_kwargs)."}
+    )
+    guided_fraction: float = field(
+        default=0.0, metadata={"help": "EDGE-OPD: share of prompts generated with the privileged prompt."}
+    )
+    explicit_position_ids: bool = field(
+        default=True, metadata={"help": "Pass cumsum(attention_mask) - 1 as position ids to both models."}
+    )
 
     def __post_init__(self):
         self._validate_opd_fields()
@@ -167,6 +311,80 @@ class OPDConfig(DistillationConfig):
             raise ValueError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}.")
         if self.estimator != "analytic":
             self._validate_sampled_estimator()
+        self._validate_token_selection()
+        self._validate_position_weighting()
+        self._validate_evidence_mask()
+        self._validate_teacher_context()
+
+    @property
+    def effective_token_scoring_chunk_size(self) -> int:
+        """Tokens per chunk of the TIP scoring pass (`token_scoring_chunk_size`, or ⌈ρ·`loss_chunk_size`⌉)."""
+        if self.token_scoring_chunk_size is not None:
+            return self.token_scoring_chunk_size
+        return max(1, math.ceil(self.token_ratio * self.loss_chunk_size))
+
+    def _validate_token_selection(self) -> None:
+        _require_choice("token_selection", self.token_selection, TOKEN_SELECTIONS)
+        _require_choice("token_selection_scope", self.token_selection_scope, TIP_SCOPES)
+        if not 0.0 < self.token_ratio <= 1.0:
+            raise ValueError(
+                f"`token_ratio` must be in (0, 1] (the share of completion tokens TIP keeps), got {self.token_ratio}."
+            )
+        if self.token_importance_weighting and self.token_selection != "tip_entropy_sample":
+            raise ValueError(
+                "`token_importance_weighting=True` reweights entropy sampling; set "
+                f"token_selection='tip_entropy_sample' (got {self.token_selection!r}) or turn it off."
+            )
+        if self.token_scoring_chunk_size is not None and self.token_scoring_chunk_size < 1:
+            raise ValueError(
+                "`token_scoring_chunk_size` must be >= 1 (or None for the default), "
+                f"got {self.token_scoring_chunk_size}."
+            )
+
+    def _validate_position_weighting(self) -> None:
+        _require_choice("position_weighting", self.position_weighting, POSITION_WEIGHTINGS)
+        _require_unit_interval("position_w_min", self.position_w_min)
+        if not self.position_slope > 0:
+            raise ValueError(f"`position_slope` must be > 0 (the width of the sigmoid), got {self.position_slope}.")
+        if not math.isfinite(self.position_tau):
+            raise ValueError(f"`position_tau` must be a finite relative position, got {self.position_tau}.")
+
+    def _validate_evidence_mask(self) -> None:
+        _require_choice("evidence_mode", self.evidence_mode, EVIDENCE_MASKS)
+        if not math.isfinite(self.evidence_threshold):
+            raise ValueError(f"`evidence_threshold` must be a finite number of nats, got {self.evidence_threshold}.")
+        if not 0.0 < self.evidence_quantile <= 1.0:
+            raise ValueError(
+                f"`evidence_quantile` must be in (0, 1] (the share of tokens kept), got {self.evidence_quantile}."
+            )
+
+    def _validate_teacher_context(self) -> None:
+        self.teacher_prompt_template = resolve_teacher_prompt_template(self.teacher_prompt_template)
+        _require_unit_interval("guided_fraction", self.guided_fraction)
+        if self.guided_fraction > 0 and self.use_teacher_context is False:
+            raise ValueError(
+                f"guided_fraction={self.guided_fraction} generates from the teacher's privileged prompt, which "
+                "use_teacher_context=False turns off; set use_teacher_context=True (or None with teacher_model='self') "
+                "or guided_fraction=0."
+            )
+        for name in ("student_chat_template_kwargs", "teacher_chat_template_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # from the command line: a JSON object
+                value = json.loads(value)
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"`{name}` must be a mapping of chat-template arguments, got {value!r}.")
+
+    def uses_self_teacher(self, teacher_model=None) -> bool:
+        """True when the teacher is the student's own frozen initial weights (`"self"`)."""
+        chosen = teacher_model if teacher_model is not None else self.teacher_model_name_or_path
+        return isinstance(chosen, str) and chosen == SELF_TEACHER
+
+    def uses_teacher_context(self, teacher_model=None) -> bool:
+        """Whether the teacher gets a privileged prompt (`use_teacher_context`, resolved for this teacher)."""
+        if self.use_teacher_context is not None:
+            return self.use_teacher_context
+        return self.uses_self_teacher(teacher_model)
 
     def _validate_sampled_estimator(self) -> None:
         if self.divergence != "reverse_kl":

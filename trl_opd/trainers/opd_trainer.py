@@ -8,9 +8,18 @@ The parent generates on-policy completions once per gradient-accumulation window
 * `_compute_loss`: student and teacher hidden states, then one chunked pass through both LM heads that computes
   the per-token divergence, weights it (`_token_weights`, the entry point for token selection and weighting) and
   reduces it (`loss_reduction`) without ever holding `[B, T, V]` logits.
+
+Token weights (`_token_weights`) multiply three optional factors, each computed on the completion mask under no_grad:
+TIP selection (methods.md §3; scored in a no-grad chunked pass, so only selected tokens reach the LM head with
+gradients), PW-OPSD position weights (§4) and the EDGE-OPD evidence mask (§5.2). Self-distillation (`teacher_model=
+"self"`, §0.9, §2) scores the same completion with a privileged teacher prompt (`teacher_prompt_ids`, built per row
+in `_generate_and_score_completions`); EDGE-OPD guided rollouts generate some rows from that prompt.
 """
 
 from __future__ import annotations
+
+import contextlib
+import copy
 
 import numpy as np
 import torch
@@ -19,17 +28,20 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import prepare_fsdp
-from trl.trainer.utils import create_model_from_path
+from trl.trainer.utils import create_model_from_path, pad
 
 from ..losses import (
     chunked_token_divergence,
     fused_divergence_loss,
     sampled_token_kl,
     sampled_token_loss,
+    score_tokens,
     token_loss_coefficients,
 )
+from ..weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
 from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .opd_config import OPDConfig
+from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 
@@ -40,10 +52,13 @@ class OPDTrainer(DistillationTrainer):
     Args:
         model: the student, a model id/path or a `PreTrainedModel` (PEFT through `peft_config`, as in TRL).
         teacher_model: the teacher, a model id/path or a `PreTrainedModel` sharing the student's tokenizer. Defaults to
-            `args.teacher_model_name_or_path`. For a teacher with another tokenizer use `SimCTTrainer`.
+            `args.teacher_model_name_or_path`. For a teacher with another tokenizer use `SimCTTrainer`. `"self"`: the
+            student's own frozen initial weights (OPSD; with PEFT the adapter is disabled for the teacher's forward,
+            otherwise a frozen copy of the student is made before training).
         args: an `OPDConfig`.
         train_dataset: rows with a `prompt` column (plain text or conversational); a `completion` column is needed for
-            off-policy batches when `lmbda < 1` and `seq_kd=False`.
+            off-policy batches when `lmbda < 1` and `seq_kd=False`; the privileged-context column
+            (`args.teacher_context_column`) when the teacher gets a privileged prompt.
         The other arguments are those of `trl.DistillationTrainer`.
     """
 
@@ -69,9 +84,14 @@ class OPDTrainer(DistillationTrainer):
             raise TypeError(f"{type(self).__name__} needs an OPDConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # Every check that needs no weights runs first, so bad input fails before anything is loaded.
-        self._check_datasets(train_dataset, eval_dataset, args)
         self._check_teacher_argument(teacher_model)
-        self._loss_vocab_size = self._shared_vocab_size(model, teacher_model, processing_class, args)
+        self._self_teacher = args.uses_self_teacher(teacher_model)
+        self._privileged = args.uses_teacher_context(teacher_model)
+        self._check_datasets(train_dataset, eval_dataset, args)
+        self._check_teacher_context(train_dataset, args, self._privileged)
+        self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
+            model, teacher_model, processing_class, args
+        )
 
         super().__init__(
             model=model,
@@ -86,11 +106,13 @@ class OPDTrainer(DistillationTrainer):
             peft_config=peft_config,
             tools=tools,
         )
-        self.teacher_model = self._prepare_teacher(self._load_teacher(teacher_model))
+        self.teacher_model = self._build_teacher(teacher_model)
         self.distillation_temperature = args.effective_distillation_temperature
         self._rollout_source = "student"
         self._rollout_rows = None
+        self._guided_prompt_ids = {}
         self._loss_stats = {}
+        self._set_chat_template_kwargs(args)
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
 
@@ -130,7 +152,33 @@ class OPDTrainer(DistillationTrainer):
                 "`teacher_model_name_or_path` in the OPDConfig."
             )
         if not isinstance(teacher_model, (str, PreTrainedModel)):
-            raise TypeError(f"`teacher_model` must be a model id/path or a PreTrainedModel, got {type(teacher_model)}.")
+            raise TypeError(
+                f"`teacher_model` must be a model id/path, a PreTrainedModel or {SELF_TEACHER!r}, "
+                f"got {type(teacher_model)}."
+            )
+
+    @staticmethod
+    def _check_teacher_context(train_dataset, args: OPDConfig, privileged: bool) -> None:
+        """The privileged prompt needs its dataset columns; guided rollouts need the privileged prompt."""
+        if args.guided_fraction > 0 and not privileged:
+            raise ValueError(
+                f"guided_fraction={args.guided_fraction} generates from the teacher's privileged prompt, but this "
+                "teacher gets none: use teacher_model='self' or set use_teacher_context=True (with a "
+                "`teacher_context_column` in the dataset), or set guided_fraction=0."
+            )
+        columns = getattr(train_dataset, "column_names", None)
+        if not privileged or columns is None:
+            return
+        needed = {"teacher_context_column": args.teacher_context_column}
+        if args.teacher_problem_column is not None:
+            needed["teacher_problem_column"] = args.teacher_problem_column
+        for name, column in needed.items():
+            if column not in columns:
+                raise ValueError(
+                    f"The teacher's privileged prompt reads the column {column!r} (`{name}`), but `train_dataset` has "
+                    f"none (columns: {columns}). Set `{name}` to the column that holds it, add the column, or turn the "
+                    "privileged context off with use_teacher_context=False."
+                )
 
     @staticmethod
     def _model_config(model, args: OPDConfig, revision: str | None = None):
@@ -191,6 +239,35 @@ class OPDTrainer(DistillationTrainer):
         init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
         return create_model_from_path(teacher_model, **init_kwargs)
 
+    def _build_teacher(self, teacher_model):
+        """The prepared teacher module; for `"self"`, a frozen copy of the student or None (PEFT: adapter disabled)."""
+        if not self._self_teacher:
+            return self._prepare_teacher(self._load_teacher(teacher_model))
+        if is_peft_model(self.model):
+            return None  # `_teacher_forward_context` disables the adapter: the base weights are the initial policy
+        return self._prepare_teacher(copy.deepcopy(self.accelerator.unwrap_model(self.model)))
+
+    def _unwrapped_teacher(self):
+        if self.teacher_model is None:  # PEFT self-teacher: the student's module, adapter disabled at forward time
+            return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.teacher_model)
+
+    @contextlib.contextmanager
+    def _teacher_forward_context(self):
+        """No gradients; for the PEFT self-teacher also the adapter off and dropout off for the forward."""
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                yield
+            return
+        student = self.accelerator.unwrap_model(self.model)
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad(), student.disable_adapter():
+                yield
+        finally:
+            student.train(was_training)
+
     def _prepare_teacher(self, teacher):
         teacher.eval()
         for parameter in teacher.parameters():
@@ -216,10 +293,20 @@ class OPDTrainer(DistillationTrainer):
         mode = "train" if self.model.training else "eval"
         self._rollout_source = self._draw_rollout_source() if mode == "train" else "student"
         self._rollout_rows = inputs
+        teacher_prompt_ids = self._teacher_prompt_ids(inputs) if self._separate_teacher_prompt else None
+        guided = self._draw_guided_rows(len(inputs)) if mode == "train" else [False] * len(inputs)
+        self._guided_prompt_ids = {row: teacher_prompt_ids[row] for row, is_guided in enumerate(guided) if is_guided}
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self._rollout_rows = None
+            self._guided_prompt_ids = {}
+        if teacher_prompt_ids is not None:
+            output["teacher_prompt_ids"], output["teacher_prompt_mask"] = self._left_pad(teacher_prompt_ids)
+        if self.args.guided_fraction > 0:
+            output["is_guided"] = torch.tensor(guided, device=self.accelerator.device)
+            share = self.accelerator.gather(output["is_guided"].float()).mean().item()
+            self._metrics[mode]["rollout/guided_fraction"].append(share)
         loss_mask = self._loss_mask(output)
         output["num_sequences_in_batch"] = self.accelerator.gather((loss_mask.sum(dim=1) > 0).sum()).sum()
         self._metrics[mode]["rollout/on_policy"].append(float(self._rollout_source == "student"))
@@ -230,7 +317,69 @@ class OPDTrainer(DistillationTrainer):
             return self._dataset_completion_ids()
         if self._rollout_source == "teacher":
             return self._teacher_completion_ids(prompt_ids)
+        if self._guided_prompt_ids:  # EDGE-OPD: these rows are generated from the privileged prompt
+            prompt_ids = [self._guided_prompt_ids.get(row, ids) for row, ids in enumerate(prompt_ids)]
         return super()._generate_single_turn(prompt_ids, images, multimodal_fields, has_tool_images)
+
+    # ------------------------------------------------------------------ privileged teacher prompts (OPSD, EDGE-OPD)
+
+    def _set_chat_template_kwargs(self, args: OPDConfig) -> None:
+        """Per-role chat-template arguments over the shared ones; the parent tokenises the student's prompts with
+        `self.chat_template_kwargs`. The teacher's prompt is tokenised on its own when it can differ."""
+        shared = dict(args.chat_template_kwargs or {})
+        self.chat_template_kwargs = {**shared, **(args.student_chat_template_kwargs or {})}
+        self._teacher_chat_template_kwargs = {**shared, **(args.teacher_chat_template_kwargs or {})}
+        self._separate_teacher_prompt = self._privileged or (
+            self._teacher_chat_template_kwargs != self.chat_template_kwargs
+        )
+
+    def _teacher_prompts(self, rows) -> list:
+        """Each row's teacher prompt: the student's prompt, plus the privileged context when it is on."""
+        if not self._privileged:
+            return [row["prompt"] for row in rows]
+        args = self.args
+        prompts = []
+        for row in rows:
+            context = row.get(args.teacher_context_column)
+            if context is None:
+                raise ValueError(
+                    f"A training row has no privileged context in column {args.teacher_context_column!r} "
+                    f"(`teacher_context_column`); row keys: {sorted(row)}."
+                )
+            problem = None if args.teacher_problem_column is None else str(row[args.teacher_problem_column])
+            prompts.append(teacher_prompt(row["prompt"], str(context), args.teacher_prompt_template, problem))
+        return prompts
+
+    def _teacher_prompt_ids(self, rows) -> list[list[int]]:
+        """Token ids of the teacher prompts, tokenised by the parent's code with the teacher's chat arguments."""
+        student_kwargs = self.chat_template_kwargs
+        self.chat_template_kwargs = self._teacher_chat_template_kwargs
+        try:
+            prompt_ids, _, _ = self._tokenize_prompts(self._teacher_prompts(rows))
+        finally:
+            self.chat_template_kwargs = student_kwargs
+        return [list(ids) for ids in prompt_ids]
+
+    def _left_pad(self, ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, mask) left-padded like the parent's `prompt_ids` / `prompt_mask`."""
+        tensors = [torch.tensor(row, dtype=torch.long) for row in ids]
+        padded = pad(tensors, padding_value=self._tokenizer.pad_token_id, padding_side="left",
+                     pad_to_multiple_of=self.pad_to_multiple_of)
+        mask = pad([torch.ones_like(row) for row in tensors], padding_value=0, padding_side="left",
+                   pad_to_multiple_of=self.pad_to_multiple_of)
+        return padded.to(self.accelerator.device), mask.to(self.accelerator.device)
+
+    def _draw_guided_rows(self, num_rows: int) -> list[bool]:
+        """EDGE-OPD: which of this process's rows are generated from the privileged prompt (student rollouts only)."""
+        if self._rollout_source != "student":
+            return [False] * num_rows
+        return guided_rows(
+            self.args.guided_fraction,
+            seed=self.args.seed,
+            step=self.state.global_step,
+            first_row=self.accelerator.process_index * num_rows,
+            num_rows=num_rows,
+        )
 
     def _dataset_completion_ids(self) -> list[list[int]]:
         """Tokenised `completion` column of the current rows, EOS appended, cut at `max_completion_length`."""
@@ -294,27 +443,148 @@ class OPDTrainer(DistillationTrainer):
         return input_ids, attention_mask
 
     def _teacher_sequence(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher scores the same completion tokens; subclasses give it another prompt (privileged context)."""
-        return self._student_sequence(inputs)
+        """The teacher scores the same completion tokens after its own prompt when it has one (privileged context or
+        its own chat-template arguments). Both prompts are left-padded and the completions right-padded to the same
+        width, so the last C hidden states of either side predict the same completion tokens (methods.md §0.8)."""
+        if "teacher_prompt_ids" not in inputs:
+            return self._student_sequence(inputs)
+        input_ids = torch.cat([inputs["teacher_prompt_ids"], inputs["completion_ids"]], dim=1)
+        attention_mask = torch.cat([inputs["teacher_prompt_mask"], inputs["completion_mask"]], dim=1)
+        return input_ids, attention_mask
+
+    def _hidden_states(self, unwrapped_model, input_ids, attention_mask, logits_to_keep: int) -> torch.Tensor:
+        """Last hidden states predicting the final `logits_to_keep` tokens, [B, logits_to_keep, d].
+
+        With `explicit_position_ids` the positions are cumsum(attention_mask) − 1 (what `generate` used), so left
+        padding of any width leaves them unchanged; otherwise TRL's `_get_last_hidden_state` (positions counted
+        from the padded start).
+        """
+        if not self.args.explicit_position_ids:
+            return self._get_last_hidden_state(unwrapped_model, input_ids, attention_mask, logits_to_keep)
+        model = unwrapped_model.base_model.model if is_peft_model(unwrapped_model) else unwrapped_model
+        position_ids = (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return hidden[:, :-1][:, -logits_to_keep:]
 
     def _teacher_hidden_state(self, inputs, logits_to_keep: int) -> torch.Tensor:
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        unwrapped_teacher = self._unwrapped_teacher()
         input_ids, attention_mask = self._teacher_sequence(inputs)
-        with torch.no_grad():
+        with self._teacher_forward_context():
+            if self.teacher_model is None:  # PEFT self-teacher: no separate wrapper to route through
+                return self._hidden_states(unwrapped_teacher, input_ids, attention_mask, logits_to_keep)
             return self._forward_redirection(
                 self.teacher_model,
                 unwrapped_teacher,
-                self._get_last_hidden_state,
+                self._hidden_states,
                 unwrapped_teacher,
                 input_ids,
                 attention_mask,
                 logits_to_keep,
             )
 
+    # ------------------------------------------------------------------ token weights: TIP, PW-OPSD, EDGE-OPD evidence
+
     def _token_weights(self, inputs, loss_mask, student_hidden, teacher_hidden, student_head, teacher_head):
         """Entry point for token selection and weighting: a detached `[B, C]` tensor of weights (0 drops a token
-        from the gradient pass entirely), or None for uniform weights. Computed before the loss, under no_grad."""
-        return None
+        from the gradient pass entirely), or None for uniform weights. Computed before the loss, under no_grad.
+
+        The product of the enabled factors, each computed on the completion mask independently: TIP selection
+        (a 0/1 mask, or 1/π weights with importance weighting), PW-OPSD position weights (relative to the whole
+        completion) and the EDGE-OPD evidence mask. So TIP keeps its ratio of the completion's tokens, and the
+        evidence mask can remove some of them afterwards.
+        """
+        args = self.args
+        valid = loss_mask.bool()
+        factors = []
+        if args.token_selection != "none":
+            factors.append(self._tip_weights(valid, student_hidden, teacher_hidden, student_head, teacher_head))
+        if args.position_weighting != "none":
+            factors.append(position_weights(
+                valid, w_min=args.position_w_min, tau=args.position_tau, slope=args.position_slope,
+                direction=args.position_weighting,
+            ))
+        if args.evidence_mode != "none":
+            factors.append(self._evidence_weights(inputs, valid, student_hidden, teacher_hidden, student_head,
+                                                  teacher_head))
+        if not factors:
+            return None
+        weights = factors[0].float()
+        for factor in factors[1:]:
+            weights = weights * factor
+        return weights
+
+    def _selection_generator(self, device) -> torch.Generator:
+        """Same seed on every process: from (seed, optimizer step, micro-step within the accumulation window)."""
+        micro_step = self._step % self.args.gradient_accumulation_steps if self.model.training else 0
+        seed = np.random.SeedSequence([self.args.seed, self.state.global_step, micro_step]).generate_state(1)[0]
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    def _tip_weights(self, valid, student_hidden, teacher_hidden, student_head, teacher_head) -> torch.Tensor:
+        """TIP (methods.md §3): score every completion token in a no-grad chunked pass at T_d, then select."""
+        args = self.args
+        strategy = args.token_selection.removeprefix("tip_")
+        kwargs = {
+            **self._head_kwargs(student_head, teacher_head),
+            **self._divergence_kwargs(),
+            "chunk_size": args.effective_token_scoring_chunk_size,
+        }
+        scores = score_tokens(
+            student_head.scaled_hidden(student_hidden[valid]), student_head.weight,
+            teacher_head.scaled_hidden(teacher_hidden[valid]), teacher_head.weight,
+            with_forward_kl=strategy == "q3", **kwargs,
+        )
+        entropy, divergence = self._scatter(scores.student_entropy, valid), self._scatter(scores.divergence, valid)
+        self._stash_quadrants(tip_quadrants(entropy, divergence, valid), valid)
+        selection = {"ratio": args.token_ratio, "scope": args.token_selection_scope}
+        if strategy == "entropy_sample":
+            selection["generator"] = self._selection_generator(valid.device)
+        if args.token_importance_weighting:
+            _, weights = tip_importance_sample(entropy, valid, **selection)
+            return weights
+        forward_kl = None if scores.forward_kl is None else self._scatter(scores.forward_kl, valid)
+        return tip_mask(entropy, divergence, valid, strategy=strategy, forward_divergence=forward_kl, **selection)
+
+    def _evidence_weights(self, inputs, valid, student_hidden, teacher_hidden, student_head, teacher_head):
+        """EDGE-OPD evidence mask (methods.md §5.2) from both models' log-probs of the sampled tokens at T_d."""
+        args = self.args
+        token_ids = inputs["completion_ids"].to(valid.device)[valid]
+        logprob_kwargs = {
+            "temperature": self.distillation_temperature,
+            "vocab_size": self._loss_vocab_size,
+            "chunk_size": args.loss_chunk_size,
+        }
+        student_logprobs = chunked_token_logprobs(student_hidden[valid], student_head, token_ids, **logprob_kwargs)
+        teacher_logprobs = chunked_token_logprobs(teacher_hidden[valid], teacher_head, token_ids, **logprob_kwargs)
+        student_logprobs = self._scatter(student_logprobs, valid)
+        teacher_logprobs = self._scatter(teacher_logprobs, valid)
+        kept = evidence_mask(teacher_logprobs, student_logprobs, valid, mode=args.evidence_mode,
+                             threshold=args.evidence_threshold, quantile=args.evidence_quantile)
+        self._stash_evidence(teacher_logprobs - student_logprobs, kept, valid, inputs.get("is_guided"))
+        return kept
+
+    @staticmethod
+    def _scatter(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """[N] values at the valid positions -> [B, C] (zeros elsewhere)."""
+        full = values.new_zeros(valid.shape)
+        full[valid] = values
+        return full
+
+    def _stash_quadrants(self, shares: dict[str, float], valid: torch.Tensor) -> None:
+        count = valid.sum()
+        for quadrant, share in shares.items():
+            self._stash_stat(f"tip/{quadrant}_share", count * share, count)
+
+    def _stash_evidence(self, evidence, kept, valid, is_guided) -> None:
+        """Mean evidence and kept share, overall and (with guided rollouts) for guided and plain rows apart."""
+        self._stash_stat("evidence/mean", evidence[valid].sum(), valid.sum())
+        self._stash_stat("evidence/kept_ratio", kept.sum(), valid.sum())
+        if is_guided is None:
+            return
+        for name, rows in (("guided", is_guided.bool()), ("unguided", ~is_guided.bool())):
+            rows_valid = valid & rows.to(valid.device).unsqueeze(1)
+            self._stash_stat(f"evidence/kept_ratio_{name}", (kept & rows_valid).sum(), rows_valid.sum())
 
     def _loss_coefficients(self, loss_mask, weights, inputs, num_items_in_batch) -> torch.Tensor:
         """Per-token coefficients c with loss = Σ c·ℓ, already scaled for gradient accumulation and DDP averaging."""
@@ -327,9 +597,22 @@ class OPDTrainer(DistillationTrainer):
             if training:
                 num_sequences = inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
             return token_loss_coefficients(loss_mask, weights, reduction=reduction, num_sequences=num_sequences)
-        coefficients = token_loss_coefficients(loss_mask, weights, reduction=reduction)
+        if reduction == "weighted_mean" and training:
+            coefficients = self._cross_process_weighted_mean(loss_mask, weights)
+        else:
+            coefficients = token_loss_coefficients(loss_mask, weights, reduction=reduction)
         # Micro-batch means are averaged over the accumulation window (the loss is reported GA-scaled).
         return coefficients / self.current_gradient_accumulation_steps if training else coefficients
+
+    def _cross_process_weighted_mean(self, loss_mask, weights) -> torch.Tensor:
+        """`weighted_mean` over the micro-batches of all processes at this micro-step: Σ w·ℓ / Σ w·m with both sums
+        over every process. Each process divides by (Σ_all w·m) / num_processes, so DDP's gradient averaging yields the
+        mean over all selected tokens, not the mean of per-process means (they differ when processes select
+        different numbers of tokens). With one process it is the micro-batch weighted mean."""
+        local = loss_mask.float().sum() if weights is None else (loss_mask.float() * weights.float()).sum()
+        total = self.accelerator.gather(local.detach().reshape(1)).sum()
+        normaliser = (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
+        return token_loss_coefficients(loss_mask, weights, reduction="token_mean", num_items=normaliser)
 
     def _divergence_kwargs(self) -> dict:
         args = self.args
@@ -348,12 +631,10 @@ class OPDTrainer(DistillationTrainer):
         completion_ids = inputs["completion_ids"]
         loss_mask = self._loss_mask(inputs)
         logits_to_keep = completion_ids.size(1)
-        student_hidden = self._get_last_hidden_state(
-            unwrapped_student, *self._student_sequence(inputs), logits_to_keep
-        )
+        student_hidden = self._hidden_states(unwrapped_student, *self._student_sequence(inputs), logits_to_keep)
         teacher_hidden = self._teacher_hidden_state(inputs, logits_to_keep)
         student_head = output_head(unwrapped_student)
-        teacher_head = output_head(self.accelerator.unwrap_model(self.teacher_model))
+        teacher_head = output_head(self._unwrapped_teacher())
         if student_head.weight.device != teacher_head.weight.device:
             raise ValueError(
                 f"The student's lm_head is on {student_head.weight.device} and the teacher's on "

@@ -1,0 +1,551 @@
+"""OPRD benchmarks: `efficiency` (update-phase time and memory against top-16 OPD) and `testbed` (accuracy).
+
+`efficiency`: representation-only OPRD against top-16 OPD, same models and rollouts.
+
+The paper's efficiency comparison (methods.md §6.4, Table 3): OPRD (hidden states only, the student's LM head
+never runs) against OPD with a top-16 support, for one teacher/student pair on the same rollouts. Both variants
+run `OPDTrainer`'s update phase on one fixed batch: teacher forward, student forward, loss, backward and the
+AdamW step. Generation is left out (identical for both), so the ratios are those of the update phase; the
+paper's 1.44× is end-to-end training time (rollouts included) and its −54% is the update-phase Δpeak.
+
+Variants (each in a fresh subprocess, so its memory is its own):
+
+* `opd_top16`: reverse KL on the student's top-16 tokens, renormalised (trl_opd's fused chunked loss);
+* `oprd`: `logit_weight=0`, `representation_weight=1`, all layers, last 2,000 positions, raw states (Eq. 6);
+* `opd_top16_plus_oprd` (with `--combined`): both terms, for reference.
+
+Memory: on CUDA, `max_memory_allocated` during the step minus the allocation at its start (the paper's Δpeak).
+On the CPU, the resident-set high-water mark (`VmHWM`, reset through `/proc/self/clear_refs` before the step,
+with glibc told to return freed blocks to the OS) minus the RSS at the start of the step, in a process of its own
+(returning blocks costs page faults, which would distort the times). Time: the median over
+the measured steps, after one warm-up step (which also allocates the optimizer state); on the CPU also the
+process CPU time of a single-threaded run (`--threads 1`, the default), which measures the work and is far less
+sensitive to other jobs on a shared machine than the wall time.
+
+Shapes (`--shape`): `cpu` is the DESIGN.md loss shape (hidden 256, vocabulary 151,936, ~1,000 completion
+tokens) on a 4-layer Qwen3, so the LM head dominates; `cpu_proportional` keeps Qwen3-1.7B's ratio of backbone
+to LM-head work (16 layers, vocabulary 11,008); `qwen3-1.7b` (GPU) is the random-initialised
+`../shared/data/configs/Qwen3-1.7B` as both teacher and student (same backbone, as in the paper) on bf16.
+
+`testbed`: OPRD alone, OPD + OPRD and plain OPD on the toy testbed (`trl_opd.testbed`, multi-strategy arithmetic;
+the teacher is 96 wide, the student 64, so OPRD goes through the trainable projector), fixed teacher and student,
+several distillation seeds, held-out accuracy after training.
+
+    python bench/bench_oprd.py efficiency --shape cpu            # -> bench/results/oprd_cpu.json
+    python bench/bench_oprd.py efficiency --shape qwen3-1.7b --device cuda --batch 2 --completion 8192
+    python bench/bench_oprd.py testbed --seeds 0 1 2             # -> bench/results/oprd_testbed_multistrategy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = Path(__file__).resolve().parents[2] / "shared" / "data" / "configs"
+SHAPES = {
+    "cpu": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, vocab_size=151_936),
+    "cpu_proportional": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=16, vocab_size=11_008),
+    "qwen3-1.7b": "Qwen3-1.7B",
+}
+# Testbed methods; all use the trainer's defaults otherwise (all layers, all positions, raw states, linear projector).
+TESTBED_METHODS = {
+    "opd": dict(representation_weight=0.0, logit_weight=1.0),
+    "oprd": dict(representation_weight=1.0, logit_weight=0.0),
+    "opd_oprd": dict(representation_weight=1.0, logit_weight=1.0),
+}
+VARIANTS = {
+    "opd_top16": dict(representation_weight=0.0, logit_weight=1.0, loss_top_k=16),
+    "oprd": dict(representation_weight=1.0, logit_weight=0.0),
+    "opd_top16_plus_oprd": dict(representation_weight=1.0, logit_weight=1.0, loss_top_k=16),
+}
+
+
+# ------------------------------------------------------------------------------------------- memory probes
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class MemoryProbe:
+    """Peak memory of a region above its start: CUDA allocator statistics, or the CPU resident set."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def start(self) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # reset VmHWM to the current RSS
+            self.base = _rss_kib("VmRSS") * 1024
+
+    def peak_above_start_gb(self) -> float:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 1024**3
+        return (_rss_kib("VmHWM") * 1024 - self.base) / 1024**3
+
+
+# ------------------------------------------------------------------------------------------- one variant
+
+
+def model_config(shape: str):
+    from transformers import AutoConfig, Qwen3Config
+
+    preset = SHAPES[shape]
+    if isinstance(preset, str):
+        return AutoConfig.from_pretrained(CONFIGS / preset)
+    return Qwen3Config(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        **preset,
+    )
+
+
+def build_models(shape: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(shape)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    models = []
+    for seed in (
+        0,
+        1,
+    ):  # student, teacher: same architecture, different weights (the paper's same-backbone pair)
+        torch.manual_seed(seed)
+        models.append(AutoModelForCausalLM.from_config(config, dtype=dtype).to(device))
+    return models
+
+
+def completion_lengths(batch: int, completion: int) -> list[int]:
+    """Row lengths from `completion` down to about 75% of it, so the batch has right padding."""
+    return [completion - (row * completion) // (4 * batch) for row in range(batch)]
+
+
+def fixed_rollouts(vocab_size: int, batch: int, prompt: int, completion: int, device: str) -> dict:
+    """The same batch for every variant: seeded token ids, completions of different lengths (right-padded)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    prompt_ids = torch.randint(10, vocab_size, (batch, prompt), generator=generator)
+    completion_ids = torch.randint(10, vocab_size, (batch, completion), generator=generator)
+    lengths = completion_lengths(batch, completion)
+    completion_mask = torch.tensor([[1] * n + [0] * (completion - n) for n in lengths])
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": torch.ones_like(prompt_ids),
+        "completion_ids": completion_ids * completion_mask,
+        "completion_mask": completion_mask,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+def build_trainer(variant: str, student, teacher, device: str, output_dir: str):
+    from dataclasses import dataclass
+
+    from datasets import Dataset
+
+    from trl_opd import OPDConfig, OPDTrainer
+    from trl_opd.testbed.tokenizers import char_tokenizer
+    from trl_opd.trainers.oprd import RepresentationArguments, RepresentationDistillationMixin
+
+    @dataclass
+    class Config(RepresentationArguments, OPDConfig):
+        pass
+
+    class Trainer(RepresentationDistillationMixin, OPDTrainer):
+        pass
+
+    args = Config(
+        output_dir=output_dir,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",
+        report_to="none",
+        save_strategy="no",
+        gradient_checkpointing=False,
+        learning_rate=1e-5,
+        per_device_train_batch_size=1,
+        max_completion_length=16,
+        disable_tqdm=True,
+        representation_layers="all",
+        representation_positions="last_k",
+        representation_last_k=2000,
+        **VARIANTS[variant],
+    )
+    return Trainer(
+        student,
+        teacher,
+        args=args,
+        processing_class=char_tokenizer(),
+        train_dataset=Dataset.from_dict({"prompt": ["unused"]}),
+    )
+
+
+def child(args) -> None:
+    import torch
+
+    device = args.device
+    torch.set_num_threads(args.threads)
+    student, teacher = build_models(args.shape, device)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = build_trainer(args.variant, student, teacher, device, output_dir)
+        inputs = fixed_rollouts(student.config.vocab_size, args.batch, args.prompt, args.completion, device)
+        model = trainer.model
+        model.train()
+        optimizer = trainer.create_optimizer()
+        probe = MemoryProbe(device)
+        measured = []
+        for step in range(args.steps + 1):  # step 0 warms up and allocates the AdamW state
+            probe.start()
+            loss, loss_time = timed(device, lambda: trainer.compute_loss(model, inputs))
+            _, backward_time = timed(device, loss.backward)
+            _, optimizer_time = timed(
+                device, lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True))
+            )
+            if step == 0:
+                first_loss = loss.item()
+                continue
+            measured.append(
+                {
+                    "loss": loss_time,
+                    "backward": backward_time,
+                    "optimizer": optimizer_time,
+                    "peak_gb": probe.peak_above_start_gb(),
+                }
+            )
+    phases = ("loss", "backward", "optimizer")
+
+    def median_seconds(clock: int, phase: str | None = None) -> float:
+        chosen = phases if phase is None else (phase,)
+        return statistics.median(sum(step[name][clock] for name in chosen) for step in measured)
+
+    print(
+        json.dumps(
+            {
+                "variant": args.variant,
+                "step_seconds": median_seconds(0),
+                "step_cpu_seconds": median_seconds(1),
+                "phase_seconds": {phase: median_seconds(0, phase) for phase in phases},
+                "phase_cpu_seconds": {phase: median_seconds(1, phase) for phase in phases},
+                "delta_peak_gb": max(step["peak_gb"] for step in measured),
+                "first_loss": first_loss,
+            }
+        )
+    )
+
+
+def timed(device: str, action):
+    """(result, (wall seconds, process CPU seconds)) of `action()`, waiting for the GPU to finish."""
+    import torch
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = action()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return result, (time.perf_counter() - start, time.process_time() - cpu_start)
+
+
+# ------------------------------------------------------------------------------------------- driver
+
+
+def run_variant(variant: str, args) -> dict:
+    """Two fresh processes: one times the steps, one measures memory (with glibc returning freed blocks to the OS,
+    which costs page faults and so would distort the times)."""
+    timing = run_child(variant, args, "time")
+    memory = run_child(variant, args, "memory")
+    return {**timing, "delta_peak_gb": memory["delta_peak_gb"]}
+
+
+def run_child(variant: str, args, measure: str) -> dict:
+    command = [sys.executable, __file__, "efficiency", "--child", "--variant", variant, "--measure", measure,
+               "--shape", args.shape, "--device", args.device, "--batch", str(args.batch), "--prompt",
+               str(args.prompt), "--completion", str(args.completion), "--threads", str(args.threads),
+               "--steps", str(args.steps if measure == "time" else 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
+           "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if measure == "memory":  # blocks >= 64 KiB are mmapped and unmapped when freed: the RSS tracks live memory
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    finished = subprocess.run(command, capture_output=True, text=True, env=env)
+    if finished.returncode != 0:
+        raise RuntimeError(f"{variant} ({measure}) failed:\n{finished.stderr[-4000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def machine_description(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores (shared), torch {torch.__version__}"
+
+
+# ------------------------------------------------------------------------------------------- testbed evidence
+
+
+def same_backbone_teacher(setting: str, target: float = 0.9, max_steps: int = 1500) -> str:
+    """A teacher in the paper's regime: the student's own weights, improved (there by RL, here by more SFT), with
+    the same width and the same LM head. The testbed's student, its SFT continued on the teacher's data (all
+    strategies) with the token embeddings, and so the tied LM head, frozen, until `target` validation accuracy or
+    `max_steps`. Built once (~25 minutes on a busy 2-core CPU), cached next to the testbed's models with its SFT
+    history (`sft.json`)."""
+    from trl_opd import testbed
+    from trl_opd.testbed.training import default_cache_dir
+
+    path = default_cache_dir() / f"oprd-same-backbone-teacher-{setting}"
+    if (path / "config.json").is_file():
+        return str(path)
+    prepared = testbed.prepare(setting, seed=0)
+    model, tokenizer = testbed.load_pretrained(prepared["student"])
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied: the LM head stays the student's
+    data = testbed.task_stream(prepared["task"], seed=12345)  # every strategy, held-out problems excluded
+    result = testbed.sft(model.train(), tokenizer, data, steps=max_steps, learning_rate=1e-3, warmup_steps=0,
+                         eval_problems=testbed.validation_problems(prepared["task"]), eval_every=50,
+                         target_accuracy=target, show_progress=False)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    (path / "sft.json").write_text(json.dumps({"steps": result.steps, "evaluations": result.evaluations}))
+    return str(path)
+
+
+def testbed_job(job: dict) -> dict:
+    """One (teacher, method, seed) on the toy testbed: a fresh copy of the cached student, train, accuracy."""
+    import torch
+
+    torch.set_num_threads(1)
+    from trl_opd import testbed
+
+    prepared = testbed.prepare(job["setting"], seed=0)
+    teacher_path = prepared["teacher"] if job["teacher"] == "wider" else same_backbone_teacher(job["setting"])
+    teacher, tokenizer = testbed.load_pretrained(teacher_path)
+    student, _ = testbed.load_pretrained(prepared["student"])
+    student.train()
+    data = testbed.make_dataset(job["steps"] * 32, prepared["task"], seed=job["seed"])
+    with tempfile.TemporaryDirectory() as output_dir:
+        Config, Trainer = composed_classes()
+        args = Config(
+            output_dir=output_dir,
+            max_steps=job["steps"],
+            per_device_train_batch_size=32,
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            temperature=1.0,
+            max_completion_length=40,
+            seed=job["seed"],
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=25,
+            disable_tqdm=True,
+            representation_layers="all",
+            representation_positions="all",
+            **TESTBED_METHODS[job["method"]],
+        )
+        trainer = Trainer(student, teacher, args=args, train_dataset=data, processing_class=tokenizer)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    logged = [entry for entry in trainer.state.log_history if "oprd/loss" in entry or "divergence" in entry]
+    result = {
+        **job,
+        "accuracy": testbed.accuracy(trainer.model, tokenizer, testbed.heldout_problems(prepared["task"])),
+        "train_seconds": seconds,
+        "first_logged": {key: logged[0].get(key) for key in ("oprd/loss", "divergence")} if logged else None,
+        "last_logged": {key: logged[-1].get(key) for key in ("oprd/loss", "divergence")} if logged else None,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def composed_classes():
+    """`OPDConfig` / `OPDTrainer` with the OPRD mixins (a no-op once OPDTrainer includes them)."""
+    from dataclasses import dataclass
+
+    from trl_opd import OPDConfig, OPDTrainer
+    from trl_opd.trainers.oprd import RepresentationArguments, RepresentationDistillationMixin
+
+    if issubclass(OPDTrainer, RepresentationDistillationMixin):
+        return OPDConfig, OPDTrainer
+
+    @dataclass
+    class Config(RepresentationArguments, OPDConfig):
+        pass
+
+    class Trainer(RepresentationDistillationMixin, OPDTrainer):
+        pass
+
+    return Config, Trainer
+
+
+def testbed_report(args, results: list[dict]) -> dict:
+    from trl_opd import testbed
+
+    prepared = testbed.prepare(args.setting, seed=0)
+    metadata = {role: testbed.read_metadata(prepared[role]) for role in ("teacher", "student")}
+    teacher, student = (metadata[role]["heldout_accuracy"] for role in ("teacher", "student"))
+    teachers = {"wider": teacher}
+    if "same_backbone" in args.teachers:
+        model, tokenizer = testbed.load_pretrained(same_backbone_teacher(args.setting))
+        teachers["same_backbone"] = testbed.accuracy(
+            model, tokenizer, testbed.heldout_problems(prepared["task"])
+        )
+    summary = {}
+    for name in args.teachers:
+        for method in args.methods:
+            runs = sorted(
+                (r for r in results if (r["teacher"], r["method"]) == (name, method)), key=lambda r: r["seed"]
+            )
+            scores = [r["accuracy"] for r in runs]
+            summary[f"{name}/{method}"] = {
+                "accuracy_per_seed": scores,
+                "mean": statistics.mean(scores),
+                "sd": statistics.pstdev(scores),
+                "gap_recovered": (statistics.mean(scores) - student) / (teachers[name] - student),
+            }
+    return {
+        "what": f"toy testbed '{args.setting}': student 2 layers x 64 wide; teacher 'wider' = the testbed's teacher "
+        "(2 layers x 96 wide, trained from scratch: OPRD goes through a trainable linear projector per "
+        "layer), 'same_backbone' = the student with its SFT continued, token embeddings and tied LM head "
+        "frozen (same width and head: the paper's pairing of a model with its improved self, no projector). "
+        "Fixed teacher and student (testbed seed 0), "
+        "distillation seed varied; held-out accuracy on 300 problems, greedy.",
+        "steps": args.steps,
+        "teacher_accuracy": teachers,
+        "student_accuracy_before": student,
+        "methods": {method: TESTBED_METHODS[method] for method in args.methods},
+        "summary": summary,
+        "runs": results,
+    }
+
+
+def run_testbed(args) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from trl_opd import testbed
+
+    testbed.prepare(args.setting, seed=0)  # build (or find) the cached models once, before the workers start
+    if "same_backbone" in args.teachers:
+        same_backbone_teacher(args.setting)
+    jobs = [
+        {"teacher": t, "method": m, "seed": s, "setting": args.setting, "steps": args.steps}
+        for s in args.seeds
+        for t in args.teachers
+        for m in args.methods
+    ]
+    with ProcessPoolExecutor(args.workers) as pool:
+        results = list(pool.map(testbed_job, jobs))
+    report = testbed_report(args, results)
+    output = args.output or RESULTS / f"oprd_testbed_{args.setting}.json"
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    for method, row in report["summary"].items():
+        print(
+            f"{method}: {100 * row['mean']:.1f} ± {100 * row['sd']:.1f}% (gap recovered {row['gap_recovered']:.2f})"
+        )
+    print(f"wrote {output}")
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+
+def run_efficiency(args) -> None:
+    if args.child:
+        return child(args)
+    variants = ["opd_top16", "oprd"] + (["opd_top16_plus_oprd"] if args.combined else [])
+    results = {}
+    for variant in variants:
+        results[variant] = run_variant(variant, args)
+        print(json.dumps(results[variant]), flush=True)
+    opd, oprd = results["opd_top16"], results["oprd"]
+    report = {
+        "what": "update phase (teacher fwd + student fwd + loss + backward + AdamW step) on one fixed batch",
+        "shape": args.shape,
+        "model": SHAPES[args.shape],
+        "batch": args.batch,
+        "prompt": args.prompt,
+        "completion": args.completion,
+        "supervised_tokens": sum(completion_lengths(args.batch, args.completion)),
+        "device": machine_description(args.device),
+        "threads": args.threads,
+        "speedup_oprd_vs_opd_top16": opd["step_seconds"] / oprd["step_seconds"],
+        "cpu_time_speedup": opd["step_cpu_seconds"] / oprd["step_cpu_seconds"],
+        "memory_reduction_oprd_vs_opd_top16": 1 - oprd["delta_peak_gb"] / opd["delta_peak_gb"],
+        "paper": {
+            "speedup": 1.44,
+            "memory_reduction": 0.54,
+            "note": "Table 3: end-to-end time (rollouts included) and update_policy delta-peak, 8xA100",
+        },
+        "results": results,
+    }
+    output = args.output or RESULTS / f"oprd_{args.shape}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    print(
+        f"speed-up {report['speedup_oprd_vs_opd_top16']:.2f}x, memory "
+        f"-{100 * report['memory_reduction_oprd_vs_opd_top16']:.0f}%; wrote {output}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    efficiency = commands.add_parser("efficiency", help="OPRD vs OPD top-16: update-phase time and memory")
+    efficiency.add_argument("--shape", choices=sorted(SHAPES), default="cpu")
+    efficiency.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    efficiency.add_argument("--batch", type=int, default=2)
+    efficiency.add_argument("--prompt", type=int, default=64)
+    efficiency.add_argument("--completion", type=int, default=576, help="completion width (the longest row)")
+    efficiency.add_argument("--steps", type=int, default=4, help="measured steps after one warm-up step")
+    efficiency.add_argument(
+        "--threads", type=int, default=1, help="CPU threads per variant (1: CPU time = work)"
+    )
+    efficiency.add_argument("--combined", action="store_true", help="also run OPD top-16 + OPRD")
+    efficiency.add_argument("--output", type=Path, default=None)
+    efficiency.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    efficiency.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    efficiency.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
+    toy = commands.add_parser("testbed", help="OPRD alone and OPD + OPRD on the toy testbed, several seeds")
+    toy.add_argument("--setting", default="multistrategy")
+    toy.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    toy.add_argument("--steps", type=int, default=500)
+    toy.add_argument("--methods", nargs="+", default=list(TESTBED_METHODS), choices=list(TESTBED_METHODS))
+    toy.add_argument(
+        "--teachers", nargs="+", default=["wider", "same_backbone"], choices=["wider", "same_backbone"]
+    )
+    toy.add_argument("--workers", type=int, default=2)
+    toy.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    run_efficiency(args) if args.command == "efficiency" else run_testbed(args)
+
+
+if __name__ == "__main__":
+    main()

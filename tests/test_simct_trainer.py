@@ -1,0 +1,241 @@
+"""SimCTTrainer end to end on tiny models: a byte-level BPE student (tests/tiny.py) and a character-level teacher
+(trl_opd.testbed), so the two vocabularies and tokenisations really differ."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer
+from trl_opd import SimCTConfig, SimCTTrainer
+from trl_opd.cross_tokenizer import (
+    align_texts,
+    shared_vocabulary,
+    simct_loss,
+    simct_segments,
+    stack_segments,
+    uld_loss,
+)
+from trl_opd.testbed.models import tiny_model as char_level_model
+from trl_opd.testbed.tokenizers import char_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def teacher_tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def student(tokenizer):
+    return tiny_model(tokenizer, hidden=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_tokenizer):
+    return char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=1)
+
+
+def simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, **overrides):
+    args = SimCTConfig(output_dir=str(tmp_path / "simct"), **cpu_args(**overrides))
+    return SimCTTrainer(
+        copy.deepcopy(student), copy.deepcopy(teacher), args=args, train_dataset=prompt_dataset(),
+        processing_class=tokenizer, teacher_processing_class=teacher_tokenizer,
+    )
+
+
+def test_builds_with_a_teacher_of_another_vocabulary(student, teacher, tokenizer, teacher_tokenizer, tmp_path):
+    assert student.config.vocab_size != teacher.config.vocab_size
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path)
+    student_ids, teacher_ids = trainer._shared_ids
+    assert len(student_ids) == len(teacher_ids) > 10  # digits, letters, punctuation and the EOS pair
+    assert student_ids.max() < student.config.vocab_size and teacher_ids.max() < teacher.config.vocab_size
+
+
+@pytest.mark.parametrize(("loss", "steps"), [("simct", 2), ("uld", 1)])
+def test_training_moves_the_student(student, teacher, tokenizer, teacher_tokenizer, tmp_path, loss, steps):
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, cross_tokenizer_loss=loss,
+                    max_steps=steps, per_device_train_batch_size=2)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == steps
+    assert all(math.isfinite(entry["loss"]) and entry["loss"] > 0 for entry in logged)
+    assert all(0 < entry["simct/align_ratio"] <= 1 for entry in logged)
+    if loss == "uld":  # ULD compares every finest segment: every student token is covered
+        assert all(entry["simct/align_ratio"] == 1 for entry in logged)
+    moved = max((a - b).abs().max().item() for a, b in zip(trainer.model.parameters(), student.parameters()))
+    assert moved > 1e-4
+    unchanged = max((a - b).abs().max().item() for a, b in zip(trainer.teacher_model.parameters(), teacher.parameters()))
+    assert unchanged == 0
+
+
+# ---------------------------------------------------------------- the trainer's loss against the pure functions
+
+
+PROMPTS = ["Compute 3+4.", "Compute 12+5."]
+COMPLETIONS = [" 3+4=7. \\boxed{7}", " 12+5=17"]  # the second one is truncated: no EOS
+
+
+def _left_pad(rows, pad_id):
+    width = max(len(row) for row in rows)
+    ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in rows])
+    mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return ids, mask
+
+
+def _micro_batch(tokenizer, teacher_tokenizer):
+    """What `_generate_and_score_completions` hands to `_compute_loss`: left-padded prompts of both sides,
+    right-padded sampled completions (the first ends with EOS)."""
+    completions = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in COMPLETIONS]
+    completions[0] = completions[0] + [tokenizer.eos_token_id]
+    width = max(len(row) for row in completions)
+    prompt_ids, prompt_mask = _left_pad([tokenizer(p)["input_ids"] for p in PROMPTS], tokenizer.pad_token_id)
+    teacher_prompt_ids, teacher_prompt_mask = _left_pad(
+        [teacher_tokenizer(p)["input_ids"] for p in PROMPTS], teacher_tokenizer.pad_token_id
+    )
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "teacher_prompt_ids": teacher_prompt_ids,
+        "teacher_prompt_mask": teacher_prompt_mask,
+        "completion_ids": torch.tensor(
+            [row + [tokenizer.pad_token_id] * (width - len(row)) for row in completions]
+        ),
+        "completion_mask": torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in completions]),
+    }
+
+
+def _completion_logits(model, prompt, completion):
+    """Unpadded forward of one row; position k of the result predicts completion[k]."""
+    ids = torch.tensor([prompt + completion])
+    return model(input_ids=ids).logits[0, len(prompt) - 1 : len(ids[0]) - 1]
+
+
+def _stacked(rows):
+    """[B, T_max, V] with zero rows past each sequence (never read by the losses)."""
+    out = torch.zeros(len(rows), max(len(row) for row in rows), rows[0].shape[-1])
+    for index, row in enumerate(rows):
+        out[index, : len(row)] = row
+    return out
+
+
+def _reference_loss(trainer, tokenizer, teacher_tokenizer, loss, num_items):
+    """The loss rebuilt from the pure functions: each text encoded by each tokenizer on its own, each row run
+    unpadded through each model, EOS appended only to the completion that had one."""
+    student_rows, teacher_rows, student_logits, teacher_logits, groups = [], [], [], [], []
+    for prompt, text, ended in zip(PROMPTS, COMPLETIONS, [True, False]):
+        student_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
+        teacher_ids = (
+            teacher_tokenizer(text, add_special_tokens=False)["input_ids"] + [teacher_tokenizer.eos_token_id] * ended
+        )
+        student_logits.append(_completion_logits(trainer.model, tokenizer(prompt)["input_ids"], student_ids))
+        with torch.no_grad():
+            teacher_logits.append(
+                _completion_logits(trainer.teacher_model, teacher_tokenizer(prompt)["input_ids"], teacher_ids)
+            )
+        (alignment,) = align_texts([text], tokenizer, teacher_tokenizer, append_eos=ended)
+        assert alignment.student_ids.tolist() == student_ids and alignment.teacher_ids.tolist() == teacher_ids
+        if loss == "uld":
+            groups.append(alignment.segments)
+        else:
+            groups.append(simct_segments(alignment.segments, alignment.anchors, spans=loss == "simct"))
+        student_rows.append(torch.tensor(student_ids))
+        teacher_rows.append(torch.tensor(teacher_ids))
+    student_ids = torch.nn.utils.rnn.pad_sequence(student_rows, batch_first=True)
+    teacher_ids = torch.nn.utils.rnn.pad_sequence(teacher_rows, batch_first=True)
+    arguments = (_stacked(student_logits), _stacked(teacher_logits), student_ids, teacher_ids, stack_segments(groups))
+    if loss == "uld":
+        total = uld_loss(*arguments, reduction="sum")
+    else:
+        total = simct_loss(*arguments, shared_vocabulary(tokenizer, teacher_tokenizer), reduction="sum")
+    return total / num_items
+
+
+@pytest.mark.parametrize("loss", ["simct", "simple", "uld"])
+def test_loss_matches_the_pure_functions(student, teacher, tokenizer, teacher_tokenizer, tmp_path, loss):
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, cross_tokenizer_loss=loss)
+    trainer.model.eval()
+    inputs = _micro_batch(tokenizer, teacher_tokenizer)
+    num_items = 7.0  # e.g. the step's generated tokens per process under gradient accumulation
+    value, entropy_sum, count = trainer._compute_loss(trainer.model, inputs, num_items)
+    expected = _reference_loss(trainer, tokenizer, teacher_tokenizer, loss, num_items)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    assert count.item() == sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in COMPLETIONS) + 1
+    assert torch.isfinite(entropy_sum) and entropy_sum > 0
+    # same gradient on the student
+    value.backward()
+    trainer_grads = [p.grad.clone() for p in trainer.model.parameters()]
+    trainer.model.zero_grad()
+    expected.backward()
+    for mine, theirs in zip(trainer_grads, (p.grad for p in trainer.model.parameters())):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-7)
+
+
+def test_without_num_items_divides_by_the_student_tokens(student, teacher, tokenizer, teacher_tokenizer, tmp_path):
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path)
+    inputs = _micro_batch(tokenizer, teacher_tokenizer)
+    with torch.no_grad():
+        by_count, _, count = trainer._compute_loss(trainer.model, inputs, None)
+        by_one, _, _ = trainer._compute_loss(trainer.model, inputs, 1.0)
+    torch.testing.assert_close(by_count * count.float(), by_one)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_same_tokenizer_points_to_opd_trainer(student, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="OPDTrainer"):
+        simct(student, student, tokenizer, tokenizer, tmp_path)
+
+
+def test_teacher_tokenizer_that_cannot_be_found(student, teacher, tokenizer, tmp_path):
+    args = SimCTConfig(output_dir=str(tmp_path / "x"), **cpu_args())
+    with pytest.raises(ValueError, match="teacher_tokenizer_name_or_path"):
+        SimCTTrainer(copy.deepcopy(student), copy.deepcopy(teacher), args=args, train_dataset=prompt_dataset(),
+                     processing_class=tokenizer)
+    args = SimCTConfig(output_dir=str(tmp_path / "y"), teacher_tokenizer_name_or_path=str(tmp_path / "missing"),
+                       **cpu_args())
+    with pytest.raises(ValueError, match="Could not load the teacher's tokenizer"):
+        SimCTTrainer(copy.deepcopy(student), copy.deepcopy(teacher), args=args, train_dataset=prompt_dataset(),
+                     processing_class=tokenizer)
+
+
+def test_teacher_tokenizer_loads_from_its_directory(student, teacher, tokenizer, teacher_tokenizer, tmp_path):
+    teacher_tokenizer.save_pretrained(tmp_path / "teacher-tokenizer")
+    args = SimCTConfig(output_dir=str(tmp_path / "z"),
+                       teacher_tokenizer_name_or_path=str(tmp_path / "teacher-tokenizer"), **cpu_args())
+    trainer = SimCTTrainer(copy.deepcopy(student), copy.deepcopy(teacher), args=args, train_dataset=prompt_dataset(),
+                           processing_class=tokenizer)
+    assert trainer.teacher_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cross_tokenizer_loss": "kl"}, "cross_tokenizer_loss"),
+        ({"simct_span_score": "max"}, "simct_span_score"),
+        ({"shared_vocabulary_mode": "exact"}, "shared_vocabulary_mode"),
+        ({"uld_merge": "last"}, "uld_merge"),
+        ({"token_selection": "tip_soft_or"}, "token_selection"),
+        ({"divergence": "forward_kl"}, "divergence"),
+        ({"loss_reduction": "sequence_mean"}, "loss_reduction"),
+        ({"seq_kd": True}, "seq_kd"),
+        ({"teacher_model_name_or_path": "self"}, "OPDTrainer"),
+    ],
+)
+def test_config_rejects_bad_values(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SimCTConfig(output_dir=str(tmp_path), **cpu_args(), **overrides)
+
+
+def test_trainer_needs_a_simct_config(student, teacher, tokenizer, teacher_tokenizer):
+    from trl_opd import OPDConfig
+
+    with pytest.raises(TypeError, match="SimCTConfig"):
+        SimCTTrainer(student, teacher, args=OPDConfig(output_dir="unused", **cpu_args()),
+                     processing_class=tokenizer, teacher_processing_class=teacher_tokenizer)

@@ -1,0 +1,631 @@
+"""OPRD in the trainer: config fields and a trainer mixin for hidden-state distillation (methods.md §6).
+
+Two pieces that compose with any `OPDTrainer` / `OPDConfig` without editing them:
+
+* `RepresentationArguments`, a dataclass mixin with the OPRD fields (`representation_weight` μ, `logit_weight`,
+  layers, positions, projector, bridge) and their validation;
+* `RepresentationDistillationMixin`, a trainer mixin whose `_compute_loss` returns
+  `logit_weight · L_OPD + μ · L_OPRD`.
+
+    @dataclass
+    class OPDConfig(RepresentationArguments, DistillationConfig): ...
+    class OPDTrainer(RepresentationDistillationMixin, DistillationTrainer): ...
+
+**Which states are paired.** For completion token ŷ_t the loss pairs the student's and the teacher's hidden
+states at the position that *predicts* ŷ_t, i.e. sequence index P − 1 + t for a prompt of (padded) width P —
+exactly the positions whose logits the OPD loss compares (methods.md §0.8). Each side is sliced from its own
+prompt width, so a teacher with a longer (privileged) prompt is paired by completion position (§6.5 item 5).
+The positions are the supervised ones (completion mask × tool mask, the generated EOS included), all of them
+or each row's last k (`representation_positions`). Layer indices follow HF `hidden_states` (§6.5 item 2).
+
+**No extra forward.** The states are captured by forward hooks (`HiddenStateCapture`) on the selected decoder
+layers only, gathering only the selected positions, during the forwards the step runs anyway: in the
+combined mode (`logit_weight > 0`) the parent's own student and teacher forwards; in the representation-only
+mode (`logit_weight == 0`) only the two backbones run and the student's LM head is never computed.
+
+**Reduction** (§6.5 item 4): per layer, the masked token mean over the micro-batch; then the mean over layers.
+The parent reports losses already scaled for gradient accumulation (`loss_is_scaled_for_ga`), so in training
+the OPRD term is divided by the number of accumulation steps: the step's gradient is the mean of the
+micro-batch means (the reference implementation's reduction), and DDP averages it over processes.
+
+**Different widths.** A trainable `RepresentationProjector` (student → teacher width, one `Linear` per layer)
+or a frozen `BridgeProjector` (§6.2) is registered as the submodule `oprd_projector` of the student before the
+optimizer exists, so the optimizer updates it, DDP/FSDP synchronise its gradients, gradient clipping covers
+it and resumed checkpoints restore it. It is kept out of the saved model weights: `save_model` writes it to
+`oprd_projector.safetensors` next to them, so the output directory loads cleanly with
+`AutoModelForCausalLM.from_pretrained`; resuming from a checkpoint loads that file back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..representation import (
+    LAYER_SPECS,
+    BridgeProjector,
+    HiddenStateCapture,
+    RepresentationProjector,
+    find_decoder_layers,
+    map_layers,
+    representation_loss_per_layer,
+    resolve_layers,
+    select_positions,
+)
+
+PROJECTOR_NAME = "oprd_projector"
+PROJECTOR_FILE = f"{PROJECTOR_NAME}.safetensors"
+REPRESENTATION_POSITIONS = ("all", "last_k")
+PROJECTORS = ("auto", "linear", "bridge", "none")
+# Logit-side switches that choose or weight tokens of the OPD loss; they have nothing to act on without it.
+_LOGIT_ONLY_SWITCHES = {"token_selection": "none", "position_weighting": "none", "evidence_mode": "none"}
+# Per-layer losses are logged for up to this many layers (each logged value is one gather per micro-step).
+_MAX_LOGGED_LAYERS = 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _parse_layer_spec(spec) -> str | list[int]:
+    """`"all" | "last" | "even" | "odd"`, or a list of ints (a list, or a comma-separated string)."""
+    if isinstance(spec, str) and spec in LAYER_SPECS:
+        return spec
+    parts = spec.split(",") if isinstance(spec, str) else list(spec)
+    try:
+        layers = [int(part) for part in parts if not isinstance(part, str) or part.strip()]
+    except (TypeError, ValueError):
+        layers = None
+    if not layers or any(isinstance(part, (bool, float)) for part in parts):
+        raise ValueError(
+            f"`representation_layers`={spec!r} is not a layer specification: use one of {LAYER_SPECS} or HF "
+            "hidden_states indices of the student, as a list or a comma-separated string such as '7,14,28'."
+        )
+    return layers
+
+
+@dataclass
+class RepresentationArguments:
+    r"""
+    OPRD fields (methods.md §6, arXiv 2606.06021), mixed into `OPDConfig`.
+
+    Parameters:
+        > Representation distillation: OPRD (methods.md §6)
+
+        representation_weight (`float`, defaults to `0.0`):
+            μ, the weight of the OPRD hidden-state loss: the masked mean over completion positions of the
+            per-dimension squared error between student and teacher hidden states, averaged over the distilled
+            layers (Eq. 6). `0.0` turns OPRD off. The paper uses 1.0 on raw states, 10 with the normalised Bridge
+            loss (the README suggests 100–1000 for normalised states).
+        logit_weight (`float`, defaults to `1.0`):
+            Weight of the OPD logit loss; the total is `logit_weight · L_OPD + representation_weight · L_OPRD`.
+            `0.0` is the representation-only mode of the paper's main results: only the two backbones run and the
+            student's LM head is never computed (cheaper; the LM head then gets no gradient). It sets
+            `ddp_find_unused_parameters=True` unless you set it, since the LM head (and any layer above the
+            highest distilled one) gets no gradient.
+        representation_layers (`str`, defaults to `"all"`):
+            Distilled student layers as HF `hidden_states` indices (1..L; L = output of the final norm):
+            `"all"` (1..L), `"last"` (L), `"even"` (1, 3, 5, ...: even 0-indexed decoder layers, the reference
+            code's naming), `"odd"` (2, 4, 6, ...), or explicit indices `"7,14,28"` (a list of ints in Python or
+            YAML). Teacher layers follow by the proportional depth map (Eq. 11).
+        representation_positions (`str`, defaults to `"last_k"`):
+            Completion positions distilled: `"all"` supervised positions, or each row's last
+            `representation_last_k` (the paper's default; student and teacher diverge most in the tail).
+        representation_last_k (`int`, defaults to `2000`):
+            k of `"last_k"`: each row keeps its last min(k, L_b) supervised positions.
+        representation_normalize (`bool` or `None`, defaults to `None`):
+            L2-normalise both states before the squared error (the OPRD-Bridge loss, Eq. 15; the loss becomes
+            much smaller, so raise `representation_weight`). `None` means "yes with `projector="bridge"`, no
+            otherwise".
+        projector (`str`, defaults to `"auto"`):
+            How student states reach the teacher's space. `"linear"`: a trainable `Linear(d_S, d_T)` per layer,
+            trained with the student (the reference code's `full` mode). `"bridge"`: the frozen low-rank
+            OPRD-Bridge (teacher PCA + least-squares student projection, §6.2), fitted by `train()` (Stage 1, see
+            `bridge_fit_prompts`) unless `bridge_path` gives a fitted one. `"none"`: compare
+            raw states (widths must match). `"auto"`: `"linear"` when the widths differ, `"none"` otherwise.
+        bridge_rank (`int`, defaults to `8`):
+            Rank r of the bridge (paper: 8 across architectures, 4 across tokenizers).
+        bridge_path (`str` or `None`, defaults to `None`):
+            A fitted bridge: an `oprd_projector.safetensors` written by a run with `projector="bridge"` (or
+            `BridgeProjector.state_dict()` saved with safetensors).
+        bridge_fit_prompts (`int`, defaults to `2000`):
+            Without `bridge_path`, `train()` first runs Stage 1 (`trainer.fit_bridge()`): rollouts of the initial
+            student on up to this many training prompts (the paper: 2,000), stopping once 16,384 positions are
+            captured (the paper's PCA row cap). `0` fits nothing: then an unfitted bridge is an error.
+        allow_random_projector (`bool`, defaults to `False`):
+            With `projector="bridge"` and no `bridge_path`: skip Stage 1, fit only the teacher PCA on the first
+            micro-batch and keep a random, frozen student projection (the reference code's behaviour without a
+            Stage-1 checkpoint, §6.5 item 8).
+    """
+
+    representation_weight: float = field(
+        default=0.0, metadata={"help": "mu, weight of the OPRD hidden-state loss; 0 turns OPRD off."}
+    )
+    logit_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the OPD logit loss; 0 = representation-only (the student's LM head never runs)."},
+    )
+    representation_layers: str = field(
+        default="all",
+        metadata={"help": "Student HF hidden_states indices: all | last | even | odd | '7,14,28'."},
+    )
+    representation_positions: str = field(
+        default="last_k", metadata={"help": "Distilled completion positions: all | last_k."}
+    )
+    representation_last_k: int = field(default=2000, metadata={"help": "k of representation_positions=last_k."})
+    representation_normalize: bool | None = field(
+        default=None,
+        metadata={"help": "L2-normalise both states first (Bridge loss). None: True with projector=bridge."},
+    )
+    projector: str = field(
+        default="auto", metadata={"help": "Student-to-teacher map: auto | linear | bridge | none."}
+    )
+    bridge_rank: int = field(default=8, metadata={"help": "Rank r of the OPRD-Bridge projections."})
+    bridge_path: str | None = field(
+        default=None, metadata={"help": "File of a fitted bridge (oprd_projector.safetensors)."}
+    )
+    bridge_fit_prompts: int = field(
+        default=2000, metadata={"help": "Stage-1 prompts for fitting the bridge at train() start; 0 = no fit."}
+    )
+    allow_random_projector: bool = field(
+        default=False,
+        metadata={"help": "Unfitted bridge: teacher PCA on the first batch, random frozen student projection."},
+    )
+
+    def __post_init__(self):
+        self.validate_representation_arguments()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    @property
+    def representation_only(self) -> bool:
+        return self.logit_weight == 0
+
+    @property
+    def effective_representation_normalize(self) -> bool:
+        if self.representation_normalize is None:
+            return self.projector == "bridge"
+        return self.representation_normalize
+
+    def validate_representation_arguments(self) -> None:
+        """Checks that need no model (layer ranges and widths are checked by the trainer). Idempotent."""
+        for name in ("representation_weight", "logit_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.representation_weight == 0 and self.logit_weight == 0:
+            raise ValueError(
+                "`logit_weight=0` and `representation_weight=0` leave no loss: set representation_weight > 0 for "
+                "representation-only OPRD, or logit_weight > 0."
+            )
+        self.representation_layers = _parse_layer_spec(self.representation_layers)
+        if self.representation_positions not in REPRESENTATION_POSITIONS:
+            raise ValueError(
+                f"Unknown `representation_positions`={self.representation_positions!r}; choose 'all' or 'last_k'."
+            )
+        for name, smallest in (("representation_last_k", 1), ("bridge_rank", 1), ("bridge_fit_prompts", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+                raise ValueError(f"`{name}` must be an integer >= {smallest}, got {value!r}.")
+        self._validate_projector_fields()
+        if self.representation_only and self.representation_weight > 0:
+            self._validate_representation_only()
+
+    def _validate_projector_fields(self) -> None:
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"Unknown `projector`={self.projector!r}; choose one of {', '.join(PROJECTORS)}.")
+        for name in ("bridge_path", "allow_random_projector"):
+            if getattr(self, name) and self.projector != "bridge":
+                raise ValueError(f"`{name}` applies to projector='bridge' only; got projector={self.projector!r}.")
+        if self.bridge_path is not None and not os.path.isfile(self.bridge_path):
+            raise ValueError(
+                f"`bridge_path`={self.bridge_path!r} is not a file. Point it to a fitted bridge "
+                f"({PROJECTOR_FILE} from a bridge run), or leave it unset and call trainer.fit_bridge()."
+            )
+
+    def _validate_representation_only(self) -> None:
+        for name, off in _LOGIT_ONLY_SWITCHES.items():
+            value = getattr(self, name, off)
+            if value != off:
+                raise ValueError(
+                    f"`{name}`={value!r} selects or weights tokens of the logit loss, which `logit_weight=0` turns "
+                    f"off. Set {name}={off!r}, or logit_weight > 0 to combine it with OPRD."
+                )
+        if getattr(self, "ddp_find_unused_parameters", False) is None:
+            # The LM head (and layers above the highest distilled one) get no gradient: DDP must expect that.
+            self.ddp_find_unused_parameters = True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Trainer mixin
+# ---------------------------------------------------------------------------------------------------------
+
+
+def completion_positions(loss_mask: torch.Tensor, prompt_width: int, last_k: int | None = None):
+    """Indices into a `[prompt ‖ completion]` forward of the states that predict the supervised completion tokens.
+
+    Args:
+        loss_mask: `[B, C]` mask of supervised completion tokens (completions right-padded).
+        prompt_width: P, the padded prompt width of this side's sequence (prompts left-padded).
+        last_k: keep each row's last min(k, L_b) supervised positions; `None` keeps all.
+
+    Returns:
+        `(positions [B, K], position_mask [B, K])`: completion token t is predicted by the state at P − 1 + t.
+        Padding entries point at P − 1 (a valid index) and are masked out.
+    """
+    if prompt_width < 1:
+        raise ValueError(f"The prompt width must be >= 1 to predict the first completion token, got {prompt_width}.")
+    index, position_mask = select_positions(loss_mask, last_k=last_k)
+    return index + (prompt_width - 1), position_mask
+
+
+@dataclass
+class _RepresentationPlan:
+    """What the trainer distils: set once from the models and the config."""
+
+    student_layers: list[int]
+    teacher_layers: list[int]
+    last_k: int | None
+    normalize: bool
+    student_width: int
+    teacher_width: int
+
+
+class RepresentationDistillationMixin:
+    """Adds OPRD (methods.md §6) to an `OPDTrainer`: `_compute_loss` returns `logit_weight · L_OPD + μ · L_OPRD`.
+
+    Put it first among the bases (`class OPDTrainer(RepresentationDistillationMixin, DistillationTrainer)`); it
+    relies on the OPD trainer's hook points `_compute_loss`, `_hidden_states`, `_teacher_hidden_state`,
+    `_student_sequence`, `_teacher_sequence`, `_loss_mask`, `_unwrapped_teacher` and `_stash_stat`. With
+    `representation_weight=0` it only applies `logit_weight`. See the module docstring for the position
+    pairing, reduction and projector handling. Logs `oprd/loss` (the unscaled L_OPRD of the micro-batch) and,
+    for up to 8 layers, `oprd/loss_layer{i}` (i = student `hidden_states` index).
+    """
+
+    # Class-level defaults, so the hook points work even if the parent's constructor already calls them.
+    _representation_plan: _RepresentationPlan | None = None
+    _representation_projector: nn.Module | None = None
+    _capture_role = "student"
+    _captures: dict[str, HiddenStateCapture] = {}  # replaced, never mutated: one dict per micro-batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.representation_weight > 0:
+            self._setup_representation()
+
+    # ------------------------------------------------------------------ setup (before the optimizer exists)
+
+    @property
+    def representation_projector(self) -> nn.Module | None:
+        """The student → teacher projector (`RepresentationProjector` / `BridgeProjector`), or None."""
+        return self._representation_projector
+
+    def _setup_representation(self) -> None:
+        args = self.args
+        student_stack = find_decoder_layers(self.model)
+        try:
+            teacher_stack = find_decoder_layers(self._unwrapped_teacher())
+        except ValueError as error:
+            raise ValueError(f"Teacher: {error}") from None
+        student_layers = resolve_layers(args.representation_layers, student_stack.num_layers)
+        self._representation_plan = _RepresentationPlan(
+            student_layers=student_layers,
+            teacher_layers=map_layers(student_layers, student_stack.num_layers, teacher_stack.num_layers),
+            last_k=args.representation_last_k if args.representation_positions == "last_k" else None,
+            normalize=args.effective_representation_normalize,
+            student_width=self.model.config.get_text_config().hidden_size,
+            teacher_width=self._unwrapped_teacher().config.get_text_config().hidden_size,
+        )
+        projector = self._build_projector()
+        if projector is not None:
+            self._attach_projector(projector)
+        self._skip_projector_in_vllm_sync()
+
+    def _build_projector(self) -> nn.Module | None:
+        args, plan = self.args, self._representation_plan
+        kind = args.projector
+        if kind == "auto":
+            kind = "none" if plan.student_width == plan.teacher_width else "linear"
+        if kind == "none":
+            if plan.student_width != plan.teacher_width:
+                raise ValueError(
+                    f"The student's hidden size is {plan.student_width} and the teacher's {plan.teacher_width}: "
+                    "their states cannot be compared without a projector. Set projector='linear' (trainable) or "
+                    "'bridge' (frozen low-rank), or 'auto'."
+                )
+            return None
+        if kind == "linear":
+            return RepresentationProjector(plan.student_width, plan.teacher_width, len(plan.student_layers))
+        bridge = BridgeProjector(
+            plan.student_width,
+            plan.teacher_width,
+            len(plan.student_layers),
+            args.bridge_rank,
+            allow_random_projector=args.allow_random_projector,
+            seed=args.seed,
+        )
+        if args.bridge_path is not None:
+            _load_projector_state(bridge, args.bridge_path)
+        return bridge
+
+    def _attach_projector(self, projector: nn.Module) -> None:
+        """Register the projector as `model.oprd_projector` (same device and dtype as the student's weights)."""
+        reference = self.model.get_input_embeddings().weight
+        if isinstance(projector, BridgeProjector):
+            projector.to(device=reference.device)  # buffers stay float32: frozen, no optimizer, no FSDP flattening
+        else:
+            projector.to(device=reference.device, dtype=reference.dtype)
+        existing = getattr(self.model, PROJECTOR_NAME, None)
+        if existing is not None:
+            raise ValueError(
+                f"The student already has a submodule `{PROJECTOR_NAME}` (from another trainer?). Pass a fresh "
+                "model, or delete it first."
+            )
+        self.model.add_module(PROJECTOR_NAME, projector)
+        self._representation_projector = projector
+
+    def _skip_projector_in_vllm_sync(self) -> None:
+        """vLLM's model has no `oprd_projector`: leave it out of the weights pushed after each optimizer step."""
+        generation = getattr(self, "vllm_generation", None)
+        if generation is None or self._representation_projector is None:
+            return
+        iterate = generation._iter_named_params
+
+        def model_params_only():
+            for name, param in iterate():
+                if f"{PROJECTOR_NAME}." not in name:
+                    yield name, param
+
+        generation._iter_named_params = model_params_only
+
+    # ------------------------------------------------------------------ capture during the step's forwards
+
+    @contextlib.contextmanager
+    def _capturing(self, unwrapped_student, inputs):
+        """Arm one capture per role for this micro-batch; the hooks are live only during that role's forward."""
+        plan = self._representation_plan
+        completion_width = inputs["completion_ids"].size(1)
+        loss_mask = self._loss_mask(inputs)
+        student_prompt_width = self._student_sequence(inputs)[0].size(1) - completion_width
+        teacher_prompt_width = self._teacher_sequence(inputs)[0].size(1) - completion_width
+        student_positions, position_mask = completion_positions(loss_mask, student_prompt_width, plan.last_k)
+        teacher_positions, _ = completion_positions(loss_mask, teacher_prompt_width, plan.last_k)
+        self._captures = {
+            "student": HiddenStateCapture(unwrapped_student, plan.student_layers, positions=student_positions),
+            "teacher": HiddenStateCapture(self._unwrapped_teacher(), plan.teacher_layers, positions=teacher_positions),
+        }
+        try:
+            yield self._captures, position_mask
+        finally:
+            self._captures = {}
+
+    def _hidden_states(self, unwrapped_model, input_ids, attention_mask, logits_to_keep: int):
+        # The student's capture; the teacher's is armed one level up, in `_teacher_hidden_state`.
+        capture = self._captures.get("student") if self._capture_role == "student" else None
+        with capture if capture is not None else contextlib.nullcontext():
+            return super()._hidden_states(unwrapped_model, input_ids, attention_mask, logits_to_keep)
+
+    def _teacher_hidden_state(self, inputs, logits_to_keep: int):
+        capture = self._captures.get("teacher")
+        # The role switch keeps the student's hooks off while the teacher runs: with a PEFT self-teacher both
+        # roles run the very same modules.
+        self._capture_role = "teacher"
+        try:
+            with capture if capture is not None else contextlib.nullcontext():
+                return super()._teacher_hidden_state(inputs, logits_to_keep)
+        finally:
+            self._capture_role = "student"
+
+    def _capture_states(self, unwrapped_student, inputs):
+        """Representation-only forwards: both backbones (no LM head), returning the captured states.
+
+        Returns `(student_states, teacher_states, position_mask)`: lists of `[B, K, d_S]` / `[B, K, d_T]` and a
+        `[B, K]` mask.
+        """
+        completion_width = inputs["completion_ids"].size(1)
+        with self._capturing(unwrapped_student, inputs) as (captures, position_mask):
+            self._hidden_states(unwrapped_student, *self._student_sequence(inputs), completion_width)
+            self._teacher_hidden_state(inputs, completion_width)
+        return captures["student"].states, captures["teacher"].states, position_mask
+
+    # ------------------------------------------------------------------ loss
+
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        args = self.args
+        if self._representation_plan is None:
+            loss, entropy_sum, num_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
+            return args.logit_weight * loss, entropy_sum, num_valid
+        if args.representation_only:
+            student_states, teacher_states, position_mask = self._capture_states(unwrapped_student, inputs)
+            logit_term = 0.0
+            entropy_sum = num_valid = torch.zeros((), device=position_mask.device)
+        else:
+            with self._capturing(unwrapped_student, inputs) as (captures, position_mask):
+                logit_loss, entropy_sum, num_valid = super()._compute_loss(
+                    unwrapped_student, inputs, num_items_in_batch
+                )
+            student_states, teacher_states = captures["student"].states, captures["teacher"].states
+            logit_term = args.logit_weight * logit_loss
+        representation = self._representation_loss(student_states, teacher_states, position_mask)
+        scale = args.representation_weight
+        if self.model.training:  # the parent's loss is already divided over the accumulation window
+            scale = scale / getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+        return logit_term + scale * representation, entropy_sum, num_valid
+
+    def _representation_loss(self, student_states, teacher_states, position_mask) -> torch.Tensor:
+        """L_OPRD of the micro-batch (unscaled), projecting the student states first; logs it."""
+        projector = self._representation_projector
+        device = position_mask.device if projector is None else _module_device(projector)
+        student_states = [state.to(device) for state in student_states]
+        teacher_states = [state.to(device) for state in teacher_states]
+        position_mask = position_mask.to(device)
+        if isinstance(projector, BridgeProjector):
+            if not bool(projector.teacher_fitted):
+                self._fit_bridge_teacher(projector, teacher_states, position_mask)
+            student_states, teacher_states = projector(student_states, teacher_states)
+        elif projector is not None:
+            student_states = projector(student_states)
+        per_layer = representation_loss_per_layer(
+            student_states, teacher_states, position_mask, normalize=self._representation_plan.normalize
+        )
+        self._log_representation_loss(per_layer.detach())
+        return per_layer.mean()
+
+    def _log_representation_loss(self, per_layer: torch.Tensor) -> None:
+        one = torch.ones((), device=per_layer.device)
+        self._stash_stat("oprd/loss", per_layer.mean(), one)
+        if len(per_layer) <= _MAX_LOGGED_LAYERS:
+            for index, value in zip(self._representation_plan.student_layers, per_layer):
+                self._stash_stat(f"oprd/loss_layer{index}", value, one)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.representation_only:
+            # The parent logs the student's entropy from the LM head, which this mode never computes.
+            mode = "train" if self.model.training else "eval"
+            entropies = self._metrics[mode].get("entropy")
+            if entropies:
+                entropies.pop()
+            if entropies is not None and not entropies:
+                del self._metrics[mode]["entropy"]
+        return result
+
+    # ------------------------------------------------------------------ OPRD-Bridge
+
+    def _fit_bridge_teacher(self, bridge: BridgeProjector, teacher_states, position_mask) -> None:
+        """allow_random_projector: the teacher PCA from this micro-batch (the reference behaviour), same on all ranks."""
+        bridge.fit_teacher([state[position_mask] for state in teacher_states])
+        self._broadcast_buffers(bridge)
+
+    def _broadcast_buffers(self, module: nn.Module) -> None:
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            for buffer in module.buffers():
+                buffer.copy_(broadcast(buffer.clone()))
+
+    @torch.no_grad()
+    def fit_bridge(self, num_prompts: int | None = None, max_rows: int = 16384) -> BridgeProjector:
+        """OPRD-Bridge Stage 1 (Eq. 12–13) on rollouts of the current (initial) student; `train()` calls it.
+
+        Generates completions for up to `num_prompts` training prompts (default `bridge_fit_prompts`), in batches
+        of `per_device_train_batch_size` from the start of the training set, and captures both models' states at
+        the distilled layers and positions until `max_rows` positions are collected. Then fits the teacher PCA
+        and the student projection (closed-form least squares, `BridgeProjector.fit_student`) and makes every
+        process use the main process's fit. Returns the fitted, frozen bridge.
+        """
+        bridge = self._representation_projector
+        if not isinstance(bridge, BridgeProjector):
+            raise ValueError("fit_bridge needs projector='bridge' (and representation_weight > 0).")
+        num_prompts = self.args.bridge_fit_prompts if num_prompts is None else num_prompts
+        student_rows, teacher_rows = self._stage_one_states(num_prompts, max_rows)
+        if not student_rows:
+            raise ValueError("fit_bridge got no prompts: the training set is empty or num_prompts is 0.")
+        bridge.fit_teacher(teacher_rows, max_rows=max_rows)
+        bridge.fit_student(student_rows, teacher_rows)
+        self._broadcast_buffers(bridge)
+        return bridge
+
+    def _stage_one_states(self, num_prompts: int, max_rows: int) -> tuple[list, list]:
+        """Per distilled layer pair, `[N, d]` student and teacher states (N ≤ max_rows) of fresh rollouts."""
+        student_rows, teacher_rows, collected = [], [], 0
+        batch_size = self.args.per_device_train_batch_size
+        prompts = itertools.islice(iter(self.train_dataset), num_prompts)
+        was_training = self.model.training
+        unwrapped_student = self.accelerator.unwrap_model(self.model)
+        try:
+            while collected < max_rows:
+                batch = list(itertools.islice(prompts, batch_size))
+                if not batch:
+                    break
+                inputs = self._generate_and_score_completions(batch)
+                self.model.eval()
+                student_states, teacher_states, mask = self._capture_states(unwrapped_student, inputs)
+                self.model.train(was_training)
+                student_rows.append([state[mask][: max_rows - collected].float().cpu() for state in student_states])
+                teacher_rows.append([state[mask][: max_rows - collected].float().cpu() for state in teacher_states])
+                collected += len(student_rows[-1][0])
+        finally:
+            self.model.train(was_training)
+            for metrics in self._metrics.values():  # the Stage-1 rollouts are not training steps
+                metrics.clear()
+        return [torch.cat(layer) for layer in zip(*student_rows)], [torch.cat(layer) for layer in zip(*teacher_rows)]
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        bridge = self._representation_projector
+        unfitted = isinstance(bridge, BridgeProjector) and not bool(bridge.student_fitted)
+        # A resumed run loads its bridge from the checkpoint; allow_random_projector keeps P_S random on purpose.
+        if unfitted and not resume_from_checkpoint and not self.args.allow_random_projector:
+            if self.args.bridge_fit_prompts > 0:
+                self.fit_bridge()
+            else:
+                raise ValueError(
+                    "projector='bridge' has no fitted bridge and bridge_fit_prompts=0: set bridge_fit_prompts > 0 "
+                    "(Stage 1 at the start of training), bridge_path to a fitted bridge, or "
+                    "allow_random_projector=True for a random frozen student projection."
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints: the projector in its own file
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self._representation_projector is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is None:
+            state_dict = self.model.state_dict()
+        marker = f"{PROJECTOR_NAME}."
+        projector_state = {
+            key.split(marker, 1)[1]: value for key, value in state_dict.items() if marker in key
+        }
+        model_state = {key: value for key, value in state_dict.items() if marker not in key}
+        super()._save(output_dir, model_state)
+        if self.args.should_save and projector_state:
+            os.makedirs(output_dir, exist_ok=True)
+            tensors = {key: value.detach().cpu().contiguous() for key, value in projector_state.items()}
+            save_file(tensors, os.path.join(output_dir, PROJECTOR_FILE), metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_projector_file(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if self.state.best_model_checkpoint is not None:
+            self._load_projector_file(self.state.best_model_checkpoint)
+
+    def _load_projector_file(self, directory: str) -> None:
+        path = os.path.join(directory, PROJECTOR_FILE)
+        if self._representation_projector is not None and os.path.isfile(path):
+            _load_projector_state(self._representation_projector, path)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The projector's keys are missing from the model weights on purpose (they live in their own file)."""
+        marker = f"{PROJECTOR_NAME}."
+        missing = [key for key in load_result.missing_keys if marker not in key]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    tensor = next(itertools.chain(module.parameters(), module.buffers()))
+    return tensor.device
+
+
+def _load_projector_state(projector: nn.Module, path: str) -> None:
+    state = load_file(path)
+    try:
+        projector.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(
+            f"{path} does not fit this run's projector ({type(projector).__name__} for the configured layers, "
+            f"widths and rank): {error}"
+        ) from None
