@@ -30,13 +30,10 @@ from trl_opd.trainers.oprd import (
 HERE = Path(__file__).resolve()
 
 
-@dataclass
-class _Config(RepresentationArguments, OPDConfig):
-    pass
-
-
-class _Trainer(RepresentationDistillationMixin, OPDTrainer):
-    pass
+# OPDConfig / OPDTrainer include OPRD; the local names keep the tests readable.
+assert issubclass(OPDConfig, RepresentationArguments) and issubclass(OPDTrainer, RepresentationDistillationMixin)
+_Config = OPDConfig
+_Trainer = OPDTrainer
 
 
 @pytest.fixture(scope="module")

@@ -16,26 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer
+from test_opd_trainer import student, teacher, tokenizer  # noqa: F401  (module fixtures: tiny tokenizer and models)
+from tiny import cpu_args, prompt_dataset
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers import opd_trainer as opd_module
 
 RATIO = 0.5
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def student(tokenizer):
-    return tiny_model(tokenizer, hidden=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def teacher(tokenizer):
-    return tiny_model(tokenizer, hidden=48, seed=1)
 
 
 def ragged_dataset():

@@ -10,6 +10,7 @@ from trl import DistillationConfig
 
 from ..losses import DIVERGENCES, ESTIMATORS
 from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
+from .oprd import RepresentationArguments
 from .self_distillation import SELF_TEACHER, resolve_teacher_prompt_template
 
 LOSS_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
@@ -31,9 +32,10 @@ def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass
-class OPDConfig(DistillationConfig):
+class OPDConfig(RepresentationArguments, DistillationConfig):
     r"""
-    Configuration for [`OPDTrainer`]: every field of `trl.DistillationConfig` plus the fields below.
+    Configuration for [`OPDTrainer`]: every field of `trl.DistillationConfig` plus the fields below, and the OPRD
+    fields of `trl_opd.trainers.oprd.RepresentationArguments` (`representation_weight`, `logit_weight`, ...).
 
     With the defaults (`divergence="reverse_kl"`, full vocabulary, analytic estimator, `token_mean`, `lmbda=1`),
     OPDTrainer trains exactly like `trl.DistillationTrainer` with `beta=1.0`.
@@ -288,6 +290,7 @@ class OPDConfig(DistillationConfig):
 
     def _validate_opd_fields(self) -> None:
         """Checks that need no model: they run at construction, before anything expensive."""
+        self.validate_representation_arguments()
         _require_choice("divergence", self.divergence, DIVERGENCES)
         _require_choice("estimator", self.estimator, ESTIMATORS)
         _require_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)

@@ -41,12 +41,13 @@ from ..losses import (
 from ..weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
 from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .opd_config import OPDConfig
+from .oprd import RepresentationDistillationMixin
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 
 
-class OPDTrainer(DistillationTrainer):
+class _OPDTrainerCore(DistillationTrainer):
     """On-policy distillation trainer. See `OPDConfig` for every option.
 
     Args:
@@ -712,3 +713,9 @@ class OPDTrainer(DistillationTrainer):
         per_token = sampled_token_loss(student_logprobs, teacher_logprobs, self.args.estimator)
         k1 = sampled_token_kl(student_logprobs.detach(), teacher_logprobs, "k1")
         return (coefficients * per_token).sum(), k1, entropy
+
+
+class OPDTrainer(RepresentationDistillationMixin, _OPDTrainerCore):
+    # The OPRD mixin wraps the core's `_compute_loss` (it adds μ·L_OPRD around the logit loss), so it must come
+    # before the core in the MRO.
+    __doc__ = _OPDTrainerCore.__doc__
