@@ -167,22 +167,12 @@ def fixed_rollouts(vocab_size: int, batch: int, prompt: int, completion: int, de
 
 
 def build_trainer(variant: str, student, teacher, device: str, output_dir: str):
-    from dataclasses import dataclass
-
     from datasets import Dataset
 
     from trl_opd import OPDConfig, OPDTrainer
     from trl_opd.testbed.tokenizers import char_tokenizer
-    from trl_opd.trainers.oprd import RepresentationArguments, RepresentationDistillationMixin
 
-    @dataclass
-    class Config(RepresentationArguments, OPDConfig):
-        pass
-
-    class Trainer(RepresentationDistillationMixin, OPDTrainer):
-        pass
-
-    args = Config(
+    args = OPDConfig(
         output_dir=output_dir,
         use_cpu=device == "cpu",
         bf16=device == "cuda",
@@ -198,7 +188,7 @@ def build_trainer(variant: str, student, teacher, device: str, output_dir: str):
         representation_last_k=2000,
         **VARIANTS[variant],
     )
-    return Trainer(
+    return OPDTrainer(
         student,
         teacher,
         args=args,
@@ -338,7 +328,7 @@ def testbed_job(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from trl_opd import testbed
+    from trl_opd import OPDConfig, OPDTrainer, testbed
 
     prepared = testbed.prepare(job["setting"], seed=0)
     teacher_path = prepared["teacher"] if job["teacher"] == "wider" else same_backbone_teacher(job["setting"])
@@ -347,8 +337,7 @@ def testbed_job(job: dict) -> dict:
     student.train()
     data = testbed.make_dataset(job["steps"] * 32, prepared["task"], seed=job["seed"])
     with tempfile.TemporaryDirectory() as output_dir:
-        Config, Trainer = composed_classes()
-        args = Config(
+        args = OPDConfig(
             output_dir=output_dir,
             max_steps=job["steps"],
             per_device_train_batch_size=32,
@@ -369,7 +358,7 @@ def testbed_job(job: dict) -> dict:
             representation_positions="all",
             **TESTBED_METHODS[job["method"]],
         )
-        trainer = Trainer(student, teacher, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer = OPDTrainer(student, teacher, args=args, train_dataset=data, processing_class=tokenizer)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
@@ -383,26 +372,6 @@ def testbed_job(job: dict) -> dict:
     }
     print(json.dumps(result), flush=True)
     return result
-
-
-def composed_classes():
-    """`OPDConfig` / `OPDTrainer` with the OPRD mixins (a no-op once OPDTrainer includes them)."""
-    from dataclasses import dataclass
-
-    from trl_opd import OPDConfig, OPDTrainer
-    from trl_opd.trainers.oprd import RepresentationArguments, RepresentationDistillationMixin
-
-    if issubclass(OPDTrainer, RepresentationDistillationMixin):
-        return OPDConfig, OPDTrainer
-
-    @dataclass
-    class Config(RepresentationArguments, OPDConfig):
-        pass
-
-    class Trainer(RepresentationDistillationMixin, OPDTrainer):
-        pass
-
-    return Config, Trainer
 
 
 def testbed_report(args, results: list[dict]) -> dict:

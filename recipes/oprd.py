@@ -18,23 +18,12 @@ The trained projector is saved next to the model as `oprd_projector.safetensors`
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
 from common import RecipeArguments, load_models_and_data, parse_recipe_args, report_toy_results  # noqa: E402
 from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
-from trl_opd.trainers.oprd import RepresentationArguments, RepresentationDistillationMixin  # noqa: E402
-
-if not issubclass(OPDTrainer, RepresentationDistillationMixin):  # until OPDTrainer itself includes OPRD
-
-    @dataclass
-    class OPDConfig(RepresentationArguments, OPDConfig):  # noqa: F811
-        pass
-
-    class OPDTrainer(RepresentationDistillationMixin, OPDTrainer):  # noqa: F811
-        pass
 
 
 def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:

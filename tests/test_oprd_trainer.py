@@ -1,7 +1,6 @@
 """OPRD in the trainer (methods.md §6): capture, loss against brute force, modes, projector, PEFT, checkpoints, DDP.
 
-Until the lead composes the mixins into `OPDConfig` / `OPDTrainer`, the tests use local subclasses
-`_Config(RepresentationArguments, OPDConfig)` and `_Trainer(RepresentationDistillationMixin, OPDTrainer)`.
+`OPDConfig` / `OPDTrainer` include OPRD through `RepresentationArguments` / `RepresentationDistillationMixin`.
 The DDP test launches this file as a script under `accelerate launch` (2 CPU processes, gloo).
 """
 
@@ -30,12 +29,6 @@ from trl_opd.trainers.oprd import (
 HERE = Path(__file__).resolve()
 
 
-# OPDConfig / OPDTrainer include OPRD; the local names keep the tests readable.
-assert issubclass(OPDConfig, RepresentationArguments) and issubclass(OPDTrainer, RepresentationDistillationMixin)
-_Config = OPDConfig
-_Trainer = OPDTrainer
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return tiny_tokenizer()
@@ -53,9 +46,9 @@ def teacher(tokenizer):
 
 def oprd(student, teacher, tokenizer, tmp_path, peft_config=None, data=None, **overrides):
     settings = {"representation_weight": 1.0, **cpu_args(), **overrides}
-    args = _Config(output_dir=str(tmp_path / "oprd"), **settings)
+    args = OPDConfig(output_dir=str(tmp_path / "oprd"), **settings)
     teacher = teacher if isinstance(teacher, str) else copy.deepcopy(teacher)
-    return _Trainer(
+    return OPDTrainer(
         copy.deepcopy(student), teacher, args=args, processing_class=tokenizer, peft_config=peft_config,
         train_dataset=data if data is not None else prompt_dataset(),
     )
@@ -128,19 +121,25 @@ def projection_weights(trainer):
 # ------------------------------------------------------------------------------------------------ config
 
 
-def test_config_defaults_compose_with_both_base_orders(tmp_path):
+def test_opd_classes_include_oprd():
+    assert issubclass(OPDConfig, RepresentationArguments) and issubclass(OPDTrainer, RepresentationDistillationMixin)
+    # The mixin wraps the core's `_compute_loss`, so it must come first in the MRO.
+    assert OPDTrainer.__mro__[1] is RepresentationDistillationMixin
+
+
+def test_config_defaults_compose_with_other_configs(tmp_path):
     from trl import DistillationConfig
 
     @dataclass
-    class LeadStyleConfig(RepresentationArguments, DistillationConfig):  # the lead's planned composition
+    class LeadStyleConfig(RepresentationArguments, DistillationConfig):  # the mixin on TRL's own config
         pass
 
-    for config_class in (_Config, LeadStyleConfig):
+    for config_class in (OPDConfig, LeadStyleConfig):
         args = config_class(output_dir=str(tmp_path), use_cpu=True, report_to="none")
         assert args.representation_weight == 0.0 and args.logit_weight == 1.0
         assert args.representation_layers == "all" and args.representation_positions == "last_k"
         assert args.effective_representation_normalize is False
-    args = _Config(output_dir=str(tmp_path), use_cpu=True, report_to="none", representation_weight=1.0,
+    args = OPDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", representation_weight=1.0,
                    logit_weight=0.0, representation_layers="3,1", projector="bridge", allow_random_projector=True)
     assert args.representation_layers == [3, 1]
     assert args.effective_representation_normalize is True  # the Bridge loss (Eq. 15)
@@ -150,7 +149,7 @@ def test_config_defaults_compose_with_both_base_orders(tmp_path):
 def test_config_parses_from_the_command_line(tmp_path):
     from trl import TrlParser
 
-    (args,) = TrlParser((_Config,)).parse_args_and_config(
+    (args,) = TrlParser((OPDConfig,)).parse_args_and_config(
         ["--output_dir", str(tmp_path), "--representation_weight", "0.5", "--representation_layers", "1,2",
          "--representation_normalize", "true", "--use_cpu", "true", "--report_to", "none"]
     )
@@ -175,7 +174,7 @@ def test_config_parses_from_the_command_line(tmp_path):
 def test_config_rejects_bad_input(tmp_path, overrides, match):
     settings = {"representation_weight": 1.0, **overrides}
     with pytest.raises(ValueError, match=match):
-        _Config(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
+        OPDConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", **settings)
 
 
 # ------------------------------------------------------------------------------------------------ capture and loss

@@ -222,8 +222,8 @@ class ForesightCallback(TrainerCallback):
     Args:
         metric_fn: ``model -> float``, the validation score S (e.g. accuracy on ~50 fixed validation
         problems).
-        schedule: ``"power_of_two"`` (global steps 1, 2, 4, 8, ...) or a strictly increasing list of global
-        steps.
+        schedule: ``"power_of_two"`` (global steps 1, 2, 4, 8, ...) or a strictly increasing list of
+            global steps.
         max_trials: candidates tried per trigger at most (paper: 5).
         initial_factor: f₀, the first step along θ − θ_a (paper: 2.0); then f ← f / (1 + f).
         parameter_patterns: lower-case substrings of the parameter names to move (default: attention and MLP).
@@ -231,7 +231,7 @@ class ForesightCallback(TrainerCallback):
         evaluate_on: ``"main_process"`` (rank 0 scores, the score is broadcast) or ``"all_processes"`` (every
             process scores, the mean is used).
         resume_from: checkpoint directory to read the anchor from when resuming (default: found
-        automatically).
+            automatically).
 
     Attributes:
         history: one dict per trigger: ``step``, ``alpha``, ``metric_before``, ``metric_after``, ``trials``,
@@ -298,9 +298,9 @@ class ForesightCallback(TrainerCallback):
                 "ForesightCallback.on_step_end before on_train_begin: register it with the Trainer."
             )
         record = self.foresee(model, state.global_step)
-        self._pending_logs = {LOG_PREFIX + key: value for key, value in record.items() if key != "step"} | {
-            LOG_PREFIX + "eval_seconds_total": self.eval_seconds_total
-        }
+        logs = {LOG_PREFIX + key: value for key, value in record.items() if key != "step"}
+        logs[LOG_PREFIX + "eval_seconds_total"] = self.eval_seconds_total
+        self._pending_logs = logs
         control.should_log = True  # so the trainer writes a log entry at this step to carry the record
         return control
 
