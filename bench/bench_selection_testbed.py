@@ -9,6 +9,7 @@ are fixed, as testbed.md recommends for method comparisons):
               solution as privileged context, forward KL (OPSD v3)
 * `pw_opsd`   `opsd` + increasing position weights (Moderate schedule) + `sequence_mean` (PW-OPSD)
 * `edge_opd`  `opsd` + 25% guided rollouts + evidence mask e_t > 0 + `weighted_mean` (EDGE-OPD, our design)
+* `opsd_guided`, `opsd_evidence`  the two halves of `edge_opd` alone (ablation)
 
 OPSD needs a student that can read a reference solution: the paper's models are pretrained LLMs that follow the
 instruction in the teacher prompt, while the testbed's cached student has only ever seen bare problems. So the
@@ -20,6 +21,7 @@ accuracy with the solution shown is reported too (it cannot use the context, so 
 
     python bench/bench_selection_testbed.py --methods opd tip --seeds 0 1 2 --workers 2
     python bench/bench_selection_testbed.py --methods opsd pw_opsd edge_opd --seeds 0 1 2 --workers 2
+    python bench/bench_selection_testbed.py --methods opsd_guided opsd_evidence --seeds 0 1 2 --workers 2
 Each call merges its runs into bench/results/selection_testbed_<setting>.json and rewrites the .md table.
 """
 
@@ -36,8 +38,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("opd", "tip", "opsd", "pw_opsd", "edge_opd")
-SELF_DISTILLATION = ("opsd", "pw_opsd", "edge_opd")
+METHODS = ("opd", "tip", "opsd", "pw_opsd", "edge_opd", "opsd_guided", "opsd_evidence")
+SELF_DISTILLATION = ("opsd", "pw_opsd", "edge_opd", "opsd_guided", "opsd_evidence")
 TEMPLATE = "Solution: {solution}\n{problem}"  # only testbed characters: the char tokenizer encodes it exactly
 CONTEXT_SHARE = 0.5
 # The testbed's student recipe (cold start on strategy 0, stop at the first validation evaluation >= 15% on bare
@@ -64,6 +66,14 @@ METHOD_CONFIGS = {
         "divergence": "forward_kl",
         "teacher_prompt_template": TEMPLATE,
         "guided_fraction": 0.25,
+        "evidence_mode": "threshold",
+        "evidence_threshold": 0.0,
+        "loss_reduction": "weighted_mean",
+    },
+    "opsd_guided": {"divergence": "forward_kl", "teacher_prompt_template": TEMPLATE, "guided_fraction": 0.25},
+    "opsd_evidence": {
+        "divergence": "forward_kl",
+        "teacher_prompt_template": TEMPLATE,
         "evidence_mode": "threshold",
         "evidence_threshold": 0.0,
         "loss_reduction": "weighted_mean",

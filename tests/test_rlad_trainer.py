@@ -307,7 +307,8 @@ def test_warns_when_a_generation_batch_spans_optimizer_steps(caplog):
 
 
 def test_recipe_runs_on_two_cpu_processes(tokenizer, tmp_path):
-    """`accelerate launch --cpu --num_processes 2 recipes/rlad.py` with the toy YAML, pointed at tiny models."""
+    """`accelerate launch --multi_gpu --num_processes 2 recipes/rlad.py` (use_cpu=True: gloo) with the toy YAML,
+    pointed at tiny models. `--cpu --num_processes 2` would start a single process unless MPI is set up."""
     from trl_opd.testbed import TaskConfig, char_tokenizer, make_dataset
 
     char = char_tokenizer()
@@ -320,10 +321,10 @@ def test_recipe_runs_on_two_cpu_processes(tokenizer, tmp_path):
     config.update(model_name_or_path=student_path, teacher_model_name_or_path=teacher_path,
                   dataset_name=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "out"), max_steps=2,
                   per_device_train_batch_size=4, num_generations=4, max_completion_length=6, logging_steps=1,
-                  disable_tqdm=True)
+                  disable_tqdm=True, use_cpu=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(REPO / "recipes" / "rlad.py"), "--config", str(tmp_path / "config.yaml")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
