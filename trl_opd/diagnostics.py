@@ -149,6 +149,23 @@ class OverlapAccumulator:
         sums = _overlap_sums(student_logits, teacher_logits, self.k, self.temperature)
         self.totals = sums if self.totals is None else self.totals + sums.to(self.totals.device)
 
+    def sums_and_counts(self, device=None) -> dict[str, tuple[Tensor, Tensor]]:
+        """{key: (sum, count)} float64 tensors of the five averages: ``compute()[key]`` is sum / count.
+
+        Summing both over processes (``gather`` then ``sum``) before dividing gives the statistics of the union of
+        the processes' tokens; the pairs exist (zeros) even when nothing was fed, so every process sends the same.
+        """
+        totals = self.totals
+        if totals is None:
+            totals = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
+        elif device is not None:
+            totals = totals.to(device)
+        num_tokens, num_overlapping = totals[_INDEX["num_tokens"]], totals[_INDEX["num_overlapping_tokens"]]
+        return {
+            key: (totals[_INDEX[key]], num_overlapping if key == "overlap_advantage" else num_tokens)
+            for key in OVERLAP_KEYS
+        }
+
     def compute(self) -> dict[str, float]:
         """The five §7.1 averages (NaN where nothing was counted) and ``num_tokens`` (an int)."""
         totals = [0.0] * len(_TOTALS) if self.totals is None else self.totals.tolist()

@@ -11,6 +11,7 @@ from trl import DistillationConfig
 from ..losses import DIVERGENCES, ESTIMATORS
 from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
 from .oprd import RepresentationArguments
+from .aligned_prompts import resolve_aligned_prompt_template
 from .self_distillation import SELF_TEACHER, resolve_teacher_prompt_template
 
 LOSS_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
@@ -179,6 +180,37 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             are scored at the positions they were generated at, whatever the padding of either side. `False` lets
             the model number positions from the padded start, as `trl.DistillationTrainer` does (identical with
             RoPE up to rounding).
+
+        > Teacher-aligned prompts (methods.md §7.3, arXiv 2604.13016 §5)
+
+        aligned_prompt_template (`str` or `None`, defaults to `None`):
+            Format training prompts the way the teacher was trained (its RL template), for the student's rollout and
+            the teacher's scoring alike: a preset (`"boxed"`: `{problem} Please reason step by step, and put your
+            final answer within \boxed{}.`, the paper's template) or a template string with a `{problem}` placeholder
+            (other braces are literal). For a conversational prompt the rendered text replaces the last user message.
+            `None` leaves prompts as they are. Evaluation prompts are never changed. Content alignment (the teacher's
+            own RL prompts) is a choice of dataset: see `trl_opd.trainers.aligned_prompts.mix_prompt_datasets`.
+        aligned_prompt_ratio (`float`, defaults to `0.5`):
+            Share of training prompts given `aligned_prompt_template`; the others stay as they are. Each row's
+            decision is drawn from (`seed`, step, global row index), so every process agrees and it does not depend
+            on the process layout. The paper recommends mixing aligned and other prompts without giving a ratio;
+            0.5 is our untuned default, 1.0 formats every prompt.
+
+        > Dynamics diagnostics (methods.md §7.1, arXiv 2604.13016)
+
+        diagnostics_steps (`int`, defaults to `0`):
+            Every this many optimizer steps (at `global_step % diagnostics_steps == 0`, on every micro-batch of that
+            step), and on every evaluation batch, log `trl_opd.diagnostics.overlap_stats` of the batch's completion
+            tokens under `diagnostics/` (`overlap_ratio`, `student_overlap_mass`, `teacher_overlap_mass`,
+            `entropy_gap`, `overlap_advantage`; sums and counts gathered over processes, so a value is the mean over
+            every process's tokens), TIP's quadrant shares `diagnostics/tip_q{1..4}_share` (student entropy and the
+            loss's per-token divergence split at the medians of the micro-batch) and, with `loss_top_k`, the
+            unrenormalised masses `diagnostics/loss_support_{student,teacher}_mass` of the loss support. A no-grad
+            pass over the hidden states already computed for the loss, `loss_chunk_size` tokens at a time, at the
+            distillation temperature; the loss is unchanged. `0` turns it off (no extra work, no extra keys).
+            Plot the curves with `trl_opd.diagnostics.plot_diagnostics(trainer.state.log_history, out_dir)`.
+        diagnostics_top_k (`int`, defaults to `16`):
+            k of the top-k overlap (the paper's default 16); at most the vocabulary size.
     """
 
     beta: float = field(
@@ -278,6 +310,19 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
     explicit_position_ids: bool = field(
         default=True, metadata={"help": "Pass cumsum(attention_mask) - 1 as position ids to both models."}
     )
+    # teacher-aligned prompts (dynamics paper, recovery recipe 2)
+    aligned_prompt_template: str | None = field(
+        default=None,
+        metadata={"help": "Teacher's prompt template for training prompts: preset 'boxed' or text with {problem}."},
+    )
+    aligned_prompt_ratio: float = field(
+        default=0.5, metadata={"help": "Share of training prompts given aligned_prompt_template, in [0, 1]."}
+    )
+    # dynamics diagnostics
+    diagnostics_steps: int = field(
+        default=0, metadata={"help": "Log top-k overlap diagnostics every N optimizer steps; 0 = off."}
+    )
+    diagnostics_top_k: int = field(default=16, metadata={"help": "k of the top-k overlap diagnostics."})
 
     def __post_init__(self):
         self._validate_opd_fields()
@@ -318,6 +363,22 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         self._validate_position_weighting()
         self._validate_evidence_mask()
         self._validate_teacher_context()
+        self._validate_aligned_prompts()
+        self._validate_diagnostics()
+
+    def _validate_aligned_prompts(self) -> None:
+        _require_unit_interval("aligned_prompt_ratio", self.aligned_prompt_ratio)
+        if self.aligned_prompt_template is not None:
+            self.aligned_prompt_template = resolve_aligned_prompt_template(self.aligned_prompt_template)
+
+    def _validate_diagnostics(self) -> None:
+        if not (isinstance(self.diagnostics_steps, int) and self.diagnostics_steps >= 0):
+            raise ValueError(
+                f"`diagnostics_steps` must be an integer >= 0 (every how many steps to log the overlap diagnostics; "
+                f"0 = off), got {self.diagnostics_steps!r}."
+            )
+        if not (isinstance(self.diagnostics_top_k, int) and self.diagnostics_top_k >= 1):
+            raise ValueError(f"`diagnostics_top_k` must be an integer >= 1, got {self.diagnostics_top_k!r}.")
 
     @property
     def effective_token_scoring_chunk_size(self) -> int:

@@ -30,16 +30,21 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import prepare_fsdp
 from trl.trainer.utils import create_model_from_path, pad
 
+from ..diagnostics import OverlapAccumulator
 from ..losses import (
     chunked_token_divergence,
+    entropy_from_logits,
     fused_divergence_loss,
+    per_token_divergence,
     sampled_token_kl,
     sampled_token_loss,
     score_tokens,
     token_loss_coefficients,
+    top_k_mass,
 )
 from ..weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
 from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
+from .aligned_prompts import aligned_prompt, aligned_rows
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
@@ -114,6 +119,7 @@ class _OPDTrainerCore(DistillationTrainer):
         self._guided_prompt_ids = {}
         self._loss_stats = {}
         self._set_chat_template_kwargs(args)
+        self._check_diagnostics_top_k(args)
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
 
@@ -293,6 +299,8 @@ class _OPDTrainerCore(DistillationTrainer):
     def _generate_and_score_completions(self, inputs):
         mode = "train" if self.model.training else "eval"
         self._rollout_source = self._draw_rollout_source() if mode == "train" else "student"
+        if mode == "train" and self.args.aligned_prompt_template is not None:
+            inputs = self._align_prompts(inputs)
         self._rollout_rows = inputs
         teacher_prompt_ids = self._teacher_prompt_ids(inputs) if self._separate_teacher_prompt else None
         guided = self._draw_guided_rows(len(inputs)) if mode == "train" else [False] * len(inputs)
@@ -312,6 +320,23 @@ class _OPDTrainerCore(DistillationTrainer):
         output["num_sequences_in_batch"] = self.accelerator.gather((loss_mask.sum(dim=1) > 0).sum()).sum()
         self._metrics[mode]["rollout/on_policy"].append(float(self._rollout_source == "student"))
         return output
+
+    def _align_prompts(self, inputs) -> list:
+        """Teacher-aligned prompts (methods.md §7.3): this process's rows, a share `aligned_prompt_ratio` of them with
+        `aligned_prompt_template` applied (student and teacher see the same formatted prompt); logs the share."""
+        chosen = aligned_rows(
+            self.args.aligned_prompt_ratio,
+            seed=self.args.seed,
+            step=self.state.global_step,
+            first_row=self.accelerator.process_index * len(inputs),
+            num_rows=len(inputs),
+        )
+        template = self.args.aligned_prompt_template
+        rows = [{**row, "prompt": aligned_prompt(row["prompt"], template)} if aligned else row
+                for row, aligned in zip(inputs, chosen)]
+        share = self.accelerator.gather(torch.tensor(chosen, dtype=torch.float32, device=self.accelerator.device))
+        self._metrics["train"]["rollout/aligned_fraction"].append(share.mean().item())
+        return rows
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
         if self._rollout_source == "dataset":
@@ -577,6 +602,65 @@ class _OPDTrainerCore(DistillationTrainer):
         for quadrant, share in shares.items():
             self._stash_stat(f"tip/{quadrant}_share", count * share, count)
 
+    # ------------------------------------------------------------------ dynamics diagnostics (methods.md §7.1)
+
+    def _check_diagnostics_top_k(self, args: OPDConfig) -> None:
+        if args.diagnostics_steps == 0:
+            return
+        vocab = self._loss_vocab_size or output_head(self.accelerator.unwrap_model(self.model)).weight.shape[0]
+        if args.diagnostics_top_k > vocab:
+            raise ValueError(
+                f"`diagnostics_top_k`={args.diagnostics_top_k} exceeds the vocabulary compared in the loss ({vocab} "
+                "entries); lower it."
+            )
+
+    def _diagnostics_due(self) -> bool:
+        """On every micro-batch of the steps `global_step % diagnostics_steps == 0`, and on every evaluation batch."""
+        steps = self.args.diagnostics_steps
+        if steps == 0:
+            return False
+        return not self.model.training or self.state.global_step % steps == 0
+
+    def _stash_diagnostics(self, valid, student_hidden, teacher_hidden, student_head, teacher_head) -> None:
+        """`overlap_stats`, TIP quadrant shares and loss-support masses of the valid tokens, in one no-grad pass of
+        `loss_chunk_size` tokens at a time, at T_d; stashed as (sum, count) so they are averaged over processes."""
+        args, temperature = self.args, self.distillation_temperature
+        overlap = OverlapAccumulator(k=args.diagnostics_top_k, temperature=temperature)
+        need_quadrants = args.token_selection == "none"  # otherwise `_tip_weights` stashed them from its own pass
+        student_rows, teacher_rows = student_hidden[valid], teacher_hidden[valid]
+        entropy, divergence, support_mass = [], [], ([], [])
+        for start in range(0, student_rows.shape[0], args.loss_chunk_size):
+            rows = slice(start, start + args.loss_chunk_size)
+            student_logits = head_logits(student_rows[rows], student_head, self._loss_vocab_size)
+            teacher_logits = head_logits(teacher_rows[rows], teacher_head, self._loss_vocab_size)
+            overlap.update(student_logits, teacher_logits)
+            if need_quadrants:
+                entropy.append(entropy_from_logits(student_logits, temperature))
+                divergence.append(per_token_divergence(student_logits, teacher_logits, **self._divergence_kwargs()))
+            if args.loss_top_k is not None:
+                masses = top_k_mass(student_logits, teacher_logits, top_k=args.loss_top_k,
+                                    top_k_source=args.loss_top_k_source, temperature=temperature)
+                for pieces, mass in zip(support_mass, masses):
+                    pieces.append(mass)
+        device = student_hidden.device
+        for key, (total, count) in overlap.sums_and_counts(device).items():
+            self._stash_stat(f"diagnostics/{key}", total, count)
+        count = valid.sum()
+        if need_quadrants:
+            if not entropy:  # no valid token on this process: the shares are 0 with count 0
+                entropy = divergence = [student_rows.new_zeros(0, dtype=torch.float32)]
+            shares = tip_quadrants(self._scatter(torch.cat(entropy), valid),
+                                   self._scatter(torch.cat(divergence), valid), valid)
+            for quadrant, share in shares.items():
+                self._stash_stat(f"diagnostics/tip_{quadrant}_share", count * share, count)
+        else:
+            for quadrant in ("q1", "q2", "q3", "q4"):
+                self._stash_stat(f"diagnostics/tip_{quadrant}_share", *self._loss_stats[f"tip/{quadrant}_share"])
+        for side, pieces in zip(("student", "teacher"), support_mass):
+            if args.loss_top_k is not None:
+                total = torch.cat(pieces).sum() if pieces else count.new_zeros((), dtype=torch.float32)
+                self._stash_stat(f"diagnostics/loss_support_{side}_mass", total, count)
+
     def _stash_evidence(self, evidence, kept, valid, is_guided) -> None:
         """Mean evidence and kept share, overall and (with guided rollouts) for guided and plain rows apart."""
         self._stash_stat("evidence/mean", evidence[valid].sum(), valid.sum())
@@ -649,6 +733,9 @@ class _OPDTrainerCore(DistillationTrainer):
             weights = self._token_weights(
                 inputs, loss_mask, student_hidden.detach(), teacher_hidden, student_head, teacher_head
             )
+            if self._diagnostics_due():
+                self._stash_diagnostics(loss_mask.bool(), student_hidden.detach(), teacher_hidden, student_head,
+                                        teacher_head)
         coefficients = self._loss_coefficients(loss_mask, weights, inputs, num_items_in_batch)
         rows = loss_mask.bool() & (coefficients != 0)
         per_row = (student_hidden[rows], teacher_hidden[rows], coefficients[rows], completion_ids.to(device)[rows])

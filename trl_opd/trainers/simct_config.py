@@ -22,6 +22,7 @@ _UNSUPPORTED_OPD_OPTIONS = {
     "evidence_mode": ("none", "the evidence compares both models' log-probs of one token id"),
     "seq_kd": (False, "the teacher cannot generate in the student's token ids"),
     "guided_fraction": (0.0, "guided rollouts feed the teacher's prompt ids to the student"),
+    "diagnostics_steps": (0, "the top-k overlap compares both models' distributions over one shared vocabulary"),
 }
 
 
