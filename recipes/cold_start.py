@@ -8,6 +8,11 @@
 4. OPDTrainer distils the teacher into the SFT checkpoint on the remaining prompts, deduplicated against the
    SFT ones.
 
+With `aligned_prompt_template` (the second recovery recipe, teacher-aligned prompts) the cold-start prompts are all
+formatted with the teacher's template, as in the paper, and OPD formats a share `aligned_prompt_ratio` of its
+prompts. With `diagnostics_steps` the overlap diagnostics are logged during OPD and plotted to
+`<output_dir>/diagnostics/*.png` (needs matplotlib). See docs/methods.md, "OPD dynamics".
+
 Real models (YAML keys are exactly the fields of ScriptArguments, OPDConfig, ModelConfig and
 ColdStartArguments):
 
@@ -32,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.
 from common import RecipeArguments, load_models_and_data, parse_recipe_args, report_toy_results
 
 from trl_opd import OPDConfig, OPDTrainer
+from trl_opd.trainers.aligned_prompts import aligned_prompt
 from trl_opd.cold_start import (
     ColdStartArguments,
     cold_start_sft,
@@ -60,6 +66,9 @@ def main(recipe: RecipeArguments, args: OPDConfig, model_args, cold: ColdStartAr
     setup = load_models_and_data(recipe, args, model_args)
     student, teacher, tokenizer = load_models(setup, args, model_args)
     sft_rows, opd_rows = split_prompts(setup.train_dataset, cold.cold_start_num_prompts)
+    if args.aligned_prompt_template is not None:  # the teacher answers in its own template (paper App. C)
+        template = args.aligned_prompt_template
+        sft_rows = sft_rows.map(lambda row: {"prompt": aligned_prompt(row["prompt"], template)})
     setup.evaluate("student before", student)
 
     records = teacher_answers(teacher, tokenizer, sft_rows, cold, seed=args.seed)
@@ -92,6 +101,10 @@ def main(recipe: RecipeArguments, args: OPDConfig, model_args, cold: ColdStartAr
     )
     trainer.train()
     trainer.save_model(args.output_dir)
+    if args.diagnostics_steps and trainer.accelerator.is_main_process:
+        from trl_opd.diagnostics import plot_diagnostics
+
+        plot_diagnostics(trainer.state.log_history, f"{args.output_dir}/diagnostics")
     setup.evaluate("student after", trainer.model)
     report_toy_results(setup, args.output_dir)
 
