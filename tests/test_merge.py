@@ -188,3 +188,16 @@ def test_cli_module_entry_point_and_bad_arguments(tmp_path):
         main(["a", "b", str(tmp_path / "out"), "--mode", "energy", "--energy", "2"])
     with pytest.raises(SystemExit):
         main(["a", "b", "c", "--mode", "svd"])
+
+
+def test_cli_refuses_a_tuned_model_with_other_shapes(tmp_path):
+    """A tuned model that is not a fine-tune of the base (another width) ends with a message, not a traceback."""
+    from tiny import save_tiny, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    base_dir = save_tiny(tmp_path / "base", tokenizer, hidden=32)
+    other_dir = save_tiny(tmp_path / "other", tokenizer, hidden=48)
+    with pytest.raises(SystemExit, match=r"trl-opd-merge: base and tuned parameters differ in shape.*base \(32, 32\) "
+                                         r"vs tuned \(48, 48\)"):
+        main([base_dir, other_dir, str(tmp_path / "out")])
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -265,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         _check_energy(args.energy)
     except ValueError as error:
         raise SystemExit(f"trl-opd-merge: {error}") from error
-    merge_checkpoints(
-        args.base, args.tuned, args.out, mode=args.mode, energy=args.energy, exclude=args.exclude
-    )
+    try:
+        merge_checkpoints(
+            args.base, args.tuned, args.out, mode=args.mode, energy=args.energy, exclude=args.exclude
+        )
+    except ValueError as error:  # e.g. a tuned model that is not a fine-tune of this base: the message says why
+        raise SystemExit(f"trl-opd-merge: {error}") from error
     print(f"MonoSoup ({args.mode}) of {args.tuned} over {args.base} written to {args.out}")
     return 0
 
