@@ -334,3 +334,22 @@ def test_recipe_runs_on_two_cpu_processes(tokenizer, tmp_path):
     for entry in logs:
         assert math.isfinite(float(entry["loss"])) and math.isfinite(float(entry["rlad/teacher_log_ratio"]))
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------- evaluation during training
+
+
+def test_math_eval_callback_logs_through_rlad(student, teacher, tokenizer, tmp_path):
+    """MathEvalCallback on RLADTrainer: its metrics land in the log history at the chosen steps."""
+    from datasets import Dataset
+
+    from trl_opd.eval import MathEvalCallback
+
+    problems = Dataset.from_list([{"problem": f"{a}+{a}", "answer": str(2 * a)} for a in range(3)])
+    trainer = rlad(student, teacher, tokenizer, tmp_path, max_steps=2)
+    trainer.add_callback(MathEvalCallback(trainer, {"toy": problems}, eval_steps=1, n=2, max_new_tokens=4,
+                                          prompt_template="{problem}", use_chat_template=False))
+    trainer.train()
+    entries = [entry for entry in trainer.state.log_history if "math_eval/toy/avg@2" in entry]
+    assert [entry["step"] for entry in entries] == [1, 2]
+    assert all(entry["math_eval/toy/mean_completion_tokens"] >= 1 for entry in entries)

@@ -383,6 +383,22 @@ SETTINGS = {
         TrainSpec(steps=1200, target_accuracy=0.97),
         replace(DEFAULT_TRAINING["student"], target_accuracy=0.12),
     ),
+    # "multistrategy" with a byte-level BPE teacher (digits isolated, as in Qwen's tokenizer; same size and recipe)
+    # and the same character-level student: a cross-tokenizer pair for SimCTTrainer (the student's cache entry is
+    # the one of "multistrategy"). With merged digits ("bpe") the teacher was at 6% after 500 of its 1,200 steps.
+    "multistrategy_bpe_teacher": Setting(
+        TaskConfig(allow_subtraction=False, num_strategies=6),
+        TrainSpec(steps=1200, target_accuracy=0.97),
+        replace(DEFAULT_TRAINING["student"], target_accuracy=0.12),
+        teacher_model=ModelSpec.for_role("teacher", tokenizer="bpe_digits"),
+    ),
+    # Seconds, not minutes: a barely trained pair for smoke runs (the quickstart notebook in the test suite).
+    # Its accuracies mean nothing; it only exercises the code paths.
+    "smoke": Setting(
+        TaskConfig(num_operations=1),
+        TrainSpec(steps=10, batch_size=8, warmup_steps=0, eval_every=0, target_accuracy=None),
+        TrainSpec(steps=3, batch_size=8, warmup_steps=0, eval_every=0, target_accuracy=None, strategy=0),
+    ),
 }
 
 
