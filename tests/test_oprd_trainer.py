@@ -247,6 +247,95 @@ def test_loss_equals_brute_force_in_every_mode(student, teacher, tokenizer, tmp_
     assert combined._metrics["eval"]["oprd/loss"][-1] == pytest.approx(expected / mu, rel=1e-5)
 
 
+def record_representation_inputs(trainer):
+    """Wrap `_representation_loss` to keep the (unprojected) states it receives."""
+    recorded = {}
+    original = trainer._representation_loss
+
+    def spy(student_states, teacher_states, position_mask):
+        recorded.update(student=student_states, teacher=teacher_states, mask=position_mask)
+        return original(student_states, teacher_states, position_mask)
+
+    trainer._representation_loss = spy
+    return recorded
+
+
+def test_combined_mode_captures_the_logit_forwards_states_on_mapped_layers_only(student, teacher, tokenizer,
+                                                                                 tmp_path):
+    """Combined mode (logit_weight > 0): the states come from the very forwards the OPD loss runs (one student and
+    one teacher backbone pass, no extra forward), equal `output_hidden_states` at the predicting positions on each
+    side (the teacher with a longer, privileged prompt), and only the mapped layers carry hooks during the step."""
+    trainer = oprd(student, teacher, tokenizer, tmp_path, lmbda=0.0, max_completion_length=12, logit_weight=1.0,
+                   representation_layers="all", representation_last_k=3)
+    batch = with_privileged_teacher_prompt(fixed_batch(trainer), extra_ids=[5, 6, 7])
+    recorded = record_representation_inputs(trainer)
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    student_states, student_width = side_states(trainer.model, batch)
+    teacher_states, teacher_width = side_states(trainer.teacher_model, batch, teacher=True)
+    for captured, states, layers, width in (
+        (recorded["student"], student_states, [1, 2], student_width),
+        (recorded["teacher"], teacher_states, [1, 3], teacher_width),
+    ):
+        assert len(captured) == len(layers)
+        for state, index in zip(captured, layers):
+            for b in range(recorded["mask"].shape[0]):
+                kept = kept_completion_indices(batch["completion_mask"][b].tolist(), 3)
+                expected = states[index][b, [width - 1 + t for t in kept]]
+                torch.testing.assert_close(state[b][recorded["mask"][b]].double(), expected, rtol=1e-5, atol=1e-6)
+    assert recorded["student"][0].requires_grad and not recorded["teacher"][0].requires_grad
+
+    # Hooks during the step's forwards: one per mapped layer on each model, none elsewhere; one forward each.
+    trainer = oprd(student, teacher, tokenizer, tmp_path / "one", lmbda=0.0, max_completion_length=12,
+                   logit_weight=1.0, representation_layers="1")  # student layer 1 -> teacher layer 1 (Eq. 11)
+    seen = {"student": [], "teacher": []}
+    for role, model in (("student", trainer.model), ("teacher", trainer.teacher_model)):
+        stack = model.model
+
+        def count_hooks(module, args, role=role, stack=stack):
+            seen[role].append([len(layer._forward_hooks) for layer in stack.layers] + [len(stack.norm._forward_hooks)])
+
+        stack.layers[0].register_forward_pre_hook(count_hooks)
+    trainer.compute_loss(trainer.model, fixed_batch(trainer))
+    assert seen == {"student": [[1, 0, 0]], "teacher": [[1, 0, 0, 0]]}
+
+
+def test_combined_mode_with_the_student_as_teacher_is_exactly_zero(student, tokenizer, tmp_path):
+    """A teacher identical to the student: in combined mode both losses, the logged divergence and OPRD loss, and
+    every gradient are exactly 0 (a capture off by one position, from another forward or from the wrong model
+    would make the OPRD term non-zero)."""
+    trainer = oprd(student, student, tokenizer, tmp_path, logit_weight=1.0, representation_layers="all",
+                   representation_positions="all", max_completion_length=12)
+    assert trainer.representation_projector is None
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, fixed_batch(trainer))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert trainer._metrics["train"]["oprd/loss"][-1] == 0.0 and trainer._metrics["train"]["divergence"][-1] == 0.0
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in trainer.model.parameters())
+
+
+def test_combined_gradient_is_the_sum_of_the_opd_and_oprd_gradients(student, teacher, tokenizer, tmp_path):
+    """Train mode, one batch: ∇(L_OPD + μ·L_OPRD) in combined mode equals ∇L_OPD of an OPD run plus μ·∇L_OPRD of a
+    representation-only run (same projector initialisation), parameter by parameter, so the combined mode adds
+    nothing and loses nothing: no state from another forward, no detached term."""
+    mu = 0.7
+    common = dict(lmbda=0.0, max_completion_length=12, representation_layers="all", representation_positions="all")
+    gradients = {}
+    batch = None
+    for name, weights in (("opd", (1.0, 0.0)), ("oprd", (0.0, mu)), ("both", (1.0, mu))):
+        trainer = oprd(student, teacher, tokenizer, tmp_path / name, logit_weight=weights[0],
+                       representation_weight=weights[1], **common)
+        batch = batch if batch is not None else fixed_batch(trainer)
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, batch).backward()
+        gradients[name] = {n: p.grad for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert any(name.startswith("oprd_projector") for name in gradients["both"])
+    for name, gradient in gradients["both"].items():
+        expected = sum(gradients[run][name] for run in ("opd", "oprd") if name in gradients[run])
+        torch.testing.assert_close(gradient, expected, rtol=1e-4, atol=1e-7)
+
+
 def test_representation_only_never_runs_the_student_lm_head(student, teacher, tokenizer, tmp_path, monkeypatch):
     """The update phase (loss + backward) of representation-only OPRD never touches the student's LM head (rollout
     generation does, so the guards go up after it)."""
