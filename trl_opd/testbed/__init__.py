@@ -31,8 +31,9 @@ Task (``trl_opd.testbed.task``):
     ``strategy_pairs(num_terms)``: the ordered pairs that strategies 0, 1, ... add first.
 
 Tokenizers (``trl_opd.testbed.tokenizers``), ``PreTrainedTokenizerFast``, left padding, no BOS, ChatML template:
-    ``char_tokenizer()``: one token per character; ``bpe_tokenizer(texts, vocab_size=400)``: byte-level BPE;
-    ``task_tokenizer("char" | "bpe", cfg)``.
+    ``char_tokenizer()``: one token per character; ``bpe_tokenizer(texts, vocab_size=400, split_digits=False)``:
+    byte-level BPE (``split_digits``: every digit its own token, as in Qwen); ``task_tokenizer("char" | "bpe" |
+    "bpe_digits", cfg)``.
 
 Models (``trl_opd.testbed.models``):
     ``ModelSpec(arch="qwen3", hidden=96, layers=2, heads=4, tokenizer="char")``, ``ModelSpec.for_role("student")``
@@ -51,7 +52,7 @@ Training (``trl_opd.testbed.training``):
     ``testbed.json``); cache at ``$TRL_OPD_CACHE`` or ``~/.cache/trl_opd/testbed``, keyed by
     ``cache_key(role, task, model, training, seed)``. ``read_metadata(path) -> dict`` (held-out accuracy,
     history), ``load_pretrained(path) -> (model, tokenizer)``.
-    ``SETTINGS`` {"main", "multistrategy"} -> ``Setting(task, teacher_training, student_training, teacher_model,
+    ``SETTINGS`` {"main", "multistrategy", "multistrategy_bpe_teacher"} -> ``Setting(task, teacher_training, student_training, teacher_model,
     student_model)``; ``prepare(setting="main", seed=0, cache_dir=None) -> dict(task, teacher, student)``.
 
 Evaluation (``trl_opd.testbed.evaluation``):
