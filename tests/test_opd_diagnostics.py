@@ -1,6 +1,12 @@
 """OPDTrainer's dynamics-diagnostics logging (`diagnostics_steps`, methods.md §7.1) against `overlap_stats` and
 `tip_quadrants` computed on brute-force logits of the same batch (each row forwarded alone, no padding)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -137,3 +143,25 @@ def test_config_rejects_bad_diagnostics_settings(tmp_path, overrides, message):
 def test_top_k_larger_than_the_vocabulary_is_refused(student, teacher, tokenizer, tmp_path):
     with pytest.raises(ValueError, match="diagnostics_top_k.*exceeds the vocabulary"):
         make_trainer(student, teacher, tokenizer, tmp_path, diagnostics_steps=1, diagnostics_top_k=100_000)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_log_the_statistics_of_the_union_of_their_tokens(tmp_path):
+    """Each rank scores 4 ragged rows; the logged values are Σ sums / Σ counts over both ranks, i.e. overlap_stats
+    of all 8 rows, not a mean of the two per-rank values."""
+    script = Path(__file__).resolve().parent / "ddp_diagnostics_run.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_DISABLE_RICH": "1",
+           "HF_HUB_OFFLINE": "1"}
+    # `--cpu --num_processes 2` starts one process without MPI; torchrun (`--multi_gpu`) + use_cpu=True gives gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               str(tmp_path / "result.json")]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["num_processes"] == 2
+    rank0, rank1 = result["ranks"]
+    assert rank0["local_tokens"] != rank1["local_tokens"]  # unequal counts: a mean of means would differ
+    assert rank0["logged"] == rank1["logged"]
+    for key in OVERLAP_KEYS:
+        assert rank0["logged"][key] == [pytest.approx(result["union"][key], rel=1e-4, abs=1e-5)], key
