@@ -14,6 +14,10 @@ TIP selection (methods.md §3; scored in a no-grad chunked pass, so only selecte
 gradients), PW-OPSD position weights (§4) and the EDGE-OPD evidence mask (§5.2). Self-distillation (`teacher_model=
 "self"`, §0.9, §2) scores the same completion with a privileged teacher prompt (`teacher_prompt_ids`, built per row
 in `_generate_and_score_completions`); EDGE-OPD guided rollouts generate some rows from that prompt.
+
+OPD dynamics (§7): with `diagnostics_steps`, `_stash_diagnostics` logs the top-k overlap diagnostics and TIP's
+quadrant shares from the hidden states already in hand (no_grad, chunked); with `aligned_prompt_template`,
+`_align_prompts` formats a seeded share of the training prompts with the teacher's template.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import copy
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 from trl import DistillationTrainer
 from trl.models import prepare_deepspeed
 from trl.models.utils import prepare_fsdp
@@ -43,13 +48,58 @@ from ..losses import (
     top_k_mass,
 )
 from ..weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
-from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .aligned_prompts import aligned_prompt, aligned_rows
+from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
+logger = hf_logging.get_logger(__name__)
+
+
+def _text_tokenizer(processing_class):
+    """The tokenizer of a processor (VLM), the tokenizer itself, or None."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
+
+
+def _check_prompt_form(index: int, prompt) -> None:
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(
+                f"Row {index} of `train_dataset` has an empty prompt; drop it, e.g. "
+                "`dataset.filter(lambda row: row['prompt'].strip() != '')`."
+            )
+        return
+    is_conversation = isinstance(prompt, list) and len(prompt) > 0 and all(
+        isinstance(message, dict) and isinstance(message.get("role"), str) and message.get("content") is not None
+        for message in prompt
+    )
+    if not is_conversation:
+        raise ValueError(
+            f"Row {index} of `train_dataset` has the prompt {str(prompt)[:120]!r} ({type(prompt).__name__}). A prompt "
+            "is a non-empty string or a non-empty list of messages like {'role': 'user', 'content': '...'}."
+        )
+
+
+def _prompt_lengths(tokenizer, prompts, chat_template_kwargs: dict, batch_size: int = 1024) -> list[int] | None:
+    """Token counts of the prompts as the trainer will tokenise them (chat template with the generation prompt for
+    conversations); None when they cannot be computed here (no chat template: the trainer reports that itself)."""
+    lengths = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            if isinstance(batch[0], str):
+                ids = tokenizer(text=batch)["input_ids"]
+            else:
+                ids = tokenizer.apply_chat_template(batch, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, **chat_template_kwargs)["input_ids"]
+            lengths.extend(len(row) for row in ids)
+    except (ValueError, TypeError, KeyError) as error:
+        logger.warning("Could not measure the training prompts' lengths (%s); skipping that check.", error)
+        return None
+    return lengths
 
 
 class _OPDTrainerCore(DistillationTrainer):
@@ -98,6 +148,7 @@ class _OPDTrainerCore(DistillationTrainer):
         self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
             model, teacher_model, processing_class, args
         )
+        self._check_prompts(train_dataset, model, teacher_model, processing_class, args)
 
         super().__init__(
             model=model,
@@ -120,6 +171,8 @@ class _OPDTrainerCore(DistillationTrainer):
         self._loss_stats = {}
         self._set_chat_template_kwargs(args)
         self._check_diagnostics_top_k(args)
+        self._check_head_devices()
+        self._suppress_padded_ids()
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
 
@@ -199,14 +252,30 @@ class _OPDTrainerCore(DistillationTrainer):
         student_vocab = self._model_config(model, args).get_text_config().vocab_size
         teacher_config = self._model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
+        student_tokenizer = _text_tokenizer(processing_class or self._try_tokenizer(model, args))
+        teacher_tokenizer = _text_tokenizer(self._try_tokenizer(teacher_model, args))
+        if student_tokenizer is not None and teacher_tokenizer is not None:
+            if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+                raise ValueError(
+                    f"The student's and the teacher's tokenizers differ (vocabularies of {len(student_tokenizer)} and "
+                    f"{len(teacher_tokenizer)} tokens; LM heads of {student_vocab} and {teacher_vocab} entries). "
+                    "OPDTrainer compares next-token distributions entry by entry, which needs one shared tokenizer. "
+                    "Pick a teacher from the student's model family, or use `trl_opd.SimCTTrainer` for a teacher "
+                    "with another tokenizer."
+                )
         if student_vocab == teacher_vocab:
-            return None
-        student_tokenizer = processing_class or self._try_tokenizer(model, args)
-        teacher_tokenizer = self._try_tokenizer(teacher_model, args)
+            return None  # padded or not, both heads describe the same ids: the loss uses every entry
+        if teacher_tokenizer is None and student_tokenizer is not None and not isinstance(teacher_model, str):
+            # An in-memory teacher without a loadable tokenizer: the documented contract is a shared tokenizer.
+            logger.warning(
+                "The teacher's tokenizer could not be loaded (an in-memory model without a path); assuming it is the "
+                "student's, as OPDTrainer requires. Its LM head has %d entries, the student's %d: the loss uses the "
+                "first %d (the tokenizer's length).", teacher_vocab, student_vocab, len(student_tokenizer),
+            )
+            teacher_tokenizer = student_tokenizer
         same_tokenizer = (
             student_tokenizer is not None
             and teacher_tokenizer is not None
-            and student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
             and len(student_tokenizer) <= min(student_vocab, teacher_vocab)
         )
         if not same_tokenizer:
@@ -227,6 +296,71 @@ class _OPDTrainerCore(DistillationTrainer):
             return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
         except (OSError, ValueError):
             return None
+
+    def _check_prompts(self, train_dataset, model, teacher_model, processing_class, args: OPDConfig) -> None:
+        """Every training prompt is a non-empty string or a list of {role, content} messages, and leaves room for
+        `max_completion_length` tokens in both models' context (`max_position_embeddings`). Reads the whole prompt
+        column and tokenises it once (seconds per 10k prompts), before any weights are loaded."""
+        columns = getattr(train_dataset, "column_names", None)
+        if columns is None or "prompt" not in columns:
+            return
+        prompts = train_dataset["prompt"]
+        for index, prompt in enumerate(prompts):
+            _check_prompt_form(index, prompt)
+        tokenizer = _text_tokenizer(processing_class or self._try_tokenizer(model, args))
+        configs = [self._model_config(model, args)]
+        if not self._self_teacher:
+            configs.append(self._model_config(teacher_model, args, args.teacher_model_revision))
+        limits = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs]
+        limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+        if tokenizer is None or not limits or args.max_completion_length is None:
+            return
+        context = min(limits)
+        room = context - args.max_completion_length
+        if room < 1:
+            raise ValueError(
+                f"max_completion_length={args.max_completion_length} leaves no room for a prompt in the models' "
+                f"context of {context} positions (`max_position_embeddings`); lower max_completion_length."
+            )
+        lengths = _prompt_lengths(tokenizer, prompts, {**(args.chat_template_kwargs or {}),
+                                                       **(args.student_chat_template_kwargs or {})})
+        if lengths is None:
+            return
+        too_long = [index for index, length in enumerate(lengths) if length > room]
+        if too_long:
+            first = too_long[0]
+            raise ValueError(
+                f"{len(too_long)} of {len(lengths)} training prompts are too long: with "
+                f"max_completion_length={args.max_completion_length} a prompt may have at most {room} tokens in the "
+                f"models' context of {context} positions (`max_position_embeddings`), but row {first} has "
+                f"{lengths[first]}. Drop or shorten them, e.g. "
+                f"`dataset.filter(lambda row: len(tokenizer(row['prompt']).input_ids) <= {room})`, or lower "
+                "max_completion_length."
+            )
+
+    def _check_head_devices(self) -> None:
+        """The loss reads both LM heads chunk by chunk on one device: fail now rather than at the first step."""
+        student_head = output_head(self.accelerator.unwrap_model(self.model))
+        teacher_head = output_head(self._unwrapped_teacher())
+        if student_head.weight.device != teacher_head.weight.device:
+            raise ValueError(
+                f"The student's lm_head is on {student_head.weight.device} and the teacher's on "
+                f"{teacher_head.weight.device}; place both heads on the same device (see their `device_map`, e.g. "
+                "`teacher_model_init_kwargs={'device_map': ...}`)."
+            )
+
+    def _suppress_padded_ids(self) -> None:
+        """With heads padded differently around one tokenizer the loss covers the tokenizer's ids only, so the student
+        must never sample a padding id (the teacher could not score it): suppress them in generation."""
+        if self._loss_vocab_size is None:
+            return
+        width = output_head(self.accelerator.unwrap_model(self.model)).weight.shape[0]
+        padded = list(range(self._loss_vocab_size, width))
+        if not padded:
+            return
+        suppressed = sorted(set(self.generation_kwargs.get("suppress_tokens") or []) | set(padded))
+        self.generation_kwargs["suppress_tokens"] = suppressed
+        self.generation_config.suppress_tokens = suppressed
 
     # ------------------------------------------------------------------ teacher
 
