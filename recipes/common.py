@@ -18,7 +18,8 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 class RecipeArguments(ScriptArguments):
     """Dataset arguments of TRL's `ScriptArguments`, plus the offline toy testbed.
 
-    testbed: name of a `trl_opd.testbed` setting ("main" or "multistrategy"). When set, the teacher and the student
+    testbed: name of a `trl_opd.testbed` setting ("main", "multistrategy", or "multistrategy_bpe_teacher" for
+        SimCT: a BPE teacher and a character-level student). When set, the teacher and the student
         are the testbed's (trained from scratch on the first run, then cached), the training prompts come from the
         task's generator, and the held-out accuracy is reported before and after training. `model_name_or_path`,
         `teacher_model_name_or_path` and `dataset_name` are then ignored.
@@ -28,7 +29,9 @@ class RecipeArguments(ScriptArguments):
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "HF dataset name or local data file."})
-    testbed: str | None = field(default=None, metadata={"help": "Offline toy setting: main | multistrategy."})
+    testbed: str | None = field(
+        default=None, metadata={"help": "Offline toy setting: main | multistrategy | multistrategy_bpe_teacher."}
+    )
     testbed_seed: int = field(default=0, metadata={"help": "Seed of the toy teacher and student."})
     testbed_train_size: int = field(default=20000, metadata={"help": "Toy training prompts."})
     testbed_eval_size: int = field(default=300, metadata={"help": "Toy held-out problems for the report."})
@@ -58,13 +61,14 @@ class RecipeSetup:
     eval_problems: list | None = None
     results: dict = field(default_factory=dict)
 
-    def evaluate(self, name: str, model) -> float | None:
-        """Held-out greedy accuracy on the toy task (no-op for real models: use eval/aime.py there)."""
+    def evaluate(self, name: str, model, tokenizer=None) -> float | None:
+        """Held-out greedy accuracy on the toy task (no-op for real models: use eval/aime.py there).
+        `tokenizer`: the model's own when it is not the student's (a cross-tokenizer teacher)."""
         if self.eval_problems is None:
             return None
         from trl_opd.testbed.evaluation import accuracy
 
-        score = accuracy(model, self.tokenizer, self.eval_problems)
+        score = accuracy(model, tokenizer if tokenizer is not None else self.tokenizer, self.eval_problems)
         self.results[name] = score
         if _is_main_process():
             print(f"[trl_opd] {name}: {100 * score:.1f}% on {len(self.eval_problems)} held-out problems", flush=True)
@@ -123,13 +127,13 @@ def _toy_setup(recipe: RecipeArguments, args) -> RecipeSetup:
     from trl_opd.testbed.training import load_pretrained
 
     prepared = testbed.prepare(recipe.testbed, seed=recipe.testbed_seed)
-    teacher, _ = load_pretrained(prepared["teacher"])
+    teacher, teacher_tokenizer = load_pretrained(prepared["teacher"])  # its own tokenizer in a SimCT setting
     student, tokenizer = load_pretrained(prepared["student"])
     student.train()
     data = testbed.make_dataset(recipe.testbed_train_size, prepared["task"], seed=args.seed)
     eval_problems = testbed.heldout_problems(prepared["task"])[: recipe.testbed_eval_size]
     setup = RecipeSetup(student, teacher, tokenizer, data, eval_problems=eval_problems)
-    setup.evaluate("teacher", teacher)
+    setup.evaluate("teacher", teacher, teacher_tokenizer)
     return setup
 
 

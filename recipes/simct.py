@@ -9,8 +9,9 @@ exactly the fields of ScriptArguments, SimCTConfig and ModelConfig:
 The paper warms the student up with SFT on the teacher's shortest correct responses first (methods.md §8.3): run
 `recipes/cold_start.py` before this recipe and point `model_name_or_path` at its output.
 
-There is no offline toy yet: the testbed's teacher and student share one tokenizer, and SimCTTrainer refuses a
-teacher with the student's tokenizer (OPDTrainer is the right tool there).
+Offline toy (a BPE teacher and a character-level student on the testbed, CPU, minutes):
+
+    accelerate launch --cpu recipes/simct.py --config recipes/toy/simct.yaml
 """
 
 from __future__ import annotations

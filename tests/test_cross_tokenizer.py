@@ -682,3 +682,69 @@ def test_stack_segments_adds_the_batch_index():
     )
     assert stacked.dtype == torch.long
     assert stacked.tolist() == [[0, 0, 1, 0, 2], [2, 0, 2, 0, 1], [2, 2, 3, 1, 2]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-segment weighting (OPDTrainer's token weighting with one segment per token)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_segment_position_weights_are_token_weights_on_one_to_one_segments_and_means_on_spans():
+    from trl_opd.cross_tokenizer import segment_position_weights
+    from trl_opd.weighting import position_weights
+
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    token = position_weights(mask, direction="increasing")
+    one_to_one = torch.tensor([[0, k, k + 1, k, k + 1] for k in range(5)] + [[1, k, k + 1, k, k + 1] for k in range(3)])
+    torch.testing.assert_close(segment_position_weights(one_to_one, mask, direction="increasing"),
+                               token[one_to_one[:, 0], one_to_one[:, 1]])
+    spans = torch.tensor([[0, 0, 3, 0, 1], [0, 3, 5, 1, 4], [1, 0, 3, 0, 2]])
+    expected = torch.stack([token[0, :3].mean(), token[0, 3:5].mean(), token[1, :3].mean()])
+    torch.testing.assert_close(segment_position_weights(spans, mask, direction="increasing"), expected)
+
+
+def test_segment_tip_mask_keeps_a_share_of_each_rows_segments():
+    from trl_opd.cross_tokenizer import segment_grid, segment_tip_mask
+
+    segments = torch.tensor([[0, 0, 1, 0, 1], [0, 1, 3, 1, 2], [0, 3, 4, 2, 3], [0, 4, 5, 3, 5], [1, 0, 2, 0, 1]])
+    rank, valid = segment_grid(segments, 3)
+    assert rank.tolist() == [0, 1, 2, 3, 0] and valid.sum(1).tolist() == [4, 1, 0]
+    divergence = torch.tensor([0.1, 0.5, 0.3, 0.2, 0.05])
+    entropy = torch.rand(3, 5)
+    kept = segment_tip_mask(segments, entropy, divergence, 3, ratio=0.5, strategy="divergence_only")
+    assert kept.tolist() == [False, True, True, False, True]  # top 2 of row 0, at least 1 of row 1
+    kept = segment_tip_mask(segments, entropy, divergence, 3, ratio=0.5, strategy="divergence_only", scope="batch")
+    assert kept.tolist() == [False, True, True, False, False]  # ⌊0.5 · 5⌋ = 2 over the micro-batch
+    # soft-OR reads each segment's entropy at its first student position
+    flat = torch.zeros(3, 5)
+    flat[0, 3] = 5.0
+    kept = segment_tip_mask(segments, flat, torch.zeros(5), 3, ratio=0.25, strategy="soft_or")
+    assert kept.tolist() == [False, False, True, False, True]
+    assert segment_tip_mask(segments[:0], entropy, divergence[:0], 3, ratio=0.5).shape == (0,)
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean"])
+def test_segment_loss_coefficients_match_brute_force(reduction):
+    from trl_opd.cross_tokenizer import segment_loss_coefficients
+
+    segments = torch.tensor([[0, 0, 1, 0, 1], [0, 1, 4, 1, 2], [1, 0, 2, 0, 1], [1, 2, 3, 1, 3]])
+    row_tokens = torch.tensor([5, 3, 0])  # row 0 has an uncovered token, row 2 is empty
+    weights = torch.tensor([1.0, 0.5, 0.0, 2.0])
+    got = segment_loss_coefficients(segments, row_tokens, weights, reduction=reduction)
+    sizes = [1, 3, 2, 1]
+    expected = {
+        "token_mean": [w / 8 for w in weights.tolist()],
+        "token_mean_microbatch": [w / 8 for w in weights.tolist()],
+        "sequence_mean": [w / (row_tokens[b].item() * 2) for w, b in zip(weights.tolist(), [0, 0, 1, 1])],
+        "weighted_mean": [w / (1 + 1.5 + 0 + 2) for w in weights.tolist()],
+    }[reduction]
+    torch.testing.assert_close(got, torch.tensor(expected))
+    if reduction == "token_mean":
+        torch.testing.assert_close(segment_loss_coefficients(segments, row_tokens, reduction=reduction, num_items=4.0),
+                                   torch.full((4,), 0.25))
+    if reduction == "weighted_mean":
+        assert segment_loss_coefficients(segments, row_tokens, torch.zeros(4), reduction=reduction).sum() == 0
+        unweighted = segment_loss_coefficients(segments, row_tokens, reduction=reduction)
+        torch.testing.assert_close(unweighted, torch.full((4,), 1 / sum(sizes)))
+    with pytest.raises(ValueError, match="reduction"):
+        segment_loss_coefficients(segments, row_tokens, reduction="sum")

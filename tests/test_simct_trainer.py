@@ -124,9 +124,10 @@ def _stacked(rows):
     return out
 
 
-def _reference_loss(trainer, tokenizer, teacher_tokenizer, loss, num_items):
+def _reference_loss(trainer, tokenizer, teacher_tokenizer, loss, num_items, reduction="sum"):
     """The loss rebuilt from the pure functions: each text encoded by each tokenizer on its own, each row run
-    unpadded through each model, EOS appended only to the completion that had one."""
+    unpadded through each model, EOS appended only to the completion that had one. `reduction="none"` returns
+    (per-segment losses, segments, student tokens per row) instead."""
     student_rows, teacher_rows, student_logits, teacher_logits, groups = [], [], [], [], []
     for prompt, text, ended in zip(PROMPTS, COMPLETIONS, [True, False]):
         student_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * ended
@@ -150,9 +151,11 @@ def _reference_loss(trainer, tokenizer, teacher_tokenizer, loss, num_items):
     teacher_ids = torch.nn.utils.rnn.pad_sequence(teacher_rows, batch_first=True)
     arguments = (_stacked(student_logits), _stacked(teacher_logits), student_ids, teacher_ids, stack_segments(groups))
     if loss == "uld":
-        total = uld_loss(*arguments, reduction="sum")
+        total = uld_loss(*arguments, reduction=reduction)
     else:
-        total = simct_loss(*arguments, shared_vocabulary(tokenizer, teacher_tokenizer), reduction="sum")
+        total = simct_loss(*arguments, shared_vocabulary(tokenizer, teacher_tokenizer), reduction=reduction)
+    if reduction == "none":
+        return total, arguments[-1], [len(row) for row in student_rows]
     return total / num_items
 
 
@@ -185,6 +188,100 @@ def test_without_num_items_divides_by_the_student_tokens(student, teacher, token
     torch.testing.assert_close(by_count * count.float(), by_one)
 
 
+# ---------------------------------------------------------------- OPDTrainer's token weighting, per segment
+
+
+def _brute_position_weight(segment, lengths, w_min=0.25, tau=0.30, slope=0.10, direction="increasing"):
+    """Mean over the segment's student tokens of PW-OPSD's w = w_min + (1 - w_min)·σ((u - τ)/s), u = (i + ½)/L."""
+    b, s0, s1 = segment[:3]
+    values = []
+    for k in range(s0, s1):
+        u = (k + 0.5) / lengths[b]
+        u = 1 - u if direction == "decreasing" else u
+        values.append(w_min + (1 - w_min) / (1 + math.exp(-(u - tau) / slope)))
+    return sum(values) / len(values)
+
+
+@pytest.mark.parametrize("loss", ["simct", "uld"])
+@pytest.mark.parametrize(
+    ("overrides", "reduction"),
+    [
+        ({"position_weighting": "increasing", "loss_reduction": "sequence_mean"}, "sequence_mean"),
+        ({"position_weighting": "decreasing"}, "token_mean"),
+        ({"token_selection": "tip_divergence_only", "token_ratio": 0.5, "loss_reduction": "weighted_mean"},
+         "weighted_mean"),
+        ({"token_selection": "tip_divergence_only", "token_ratio": 0.5, "position_weighting": "increasing",
+          "loss_reduction": "token_mean_microbatch"}, "token_mean_microbatch"),
+    ],
+)
+def test_token_weighting_applies_per_segment(student, teacher, tokenizer, teacher_tokenizer, tmp_path, loss,
+                                             overrides, reduction):
+    """The trainer's weighted loss equals Σ_g c_g·ℓ_g with weights and normalisers computed by brute force."""
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, cross_tokenizer_loss=loss, **overrides)
+    trainer.model.eval()  # micro-batch normalisers (no step counts, no accumulation)
+    inputs = _micro_batch(tokenizer, teacher_tokenizer)
+    num_items = 7.0
+    value, _, _ = trainer._compute_loss(trainer.model, inputs, num_items)
+    per_segment, segments, lengths = _reference_loss(trainer, tokenizer, teacher_tokenizer, loss, None, "none")
+    rows = segments.tolist()
+    weights = [1.0] * len(rows)
+    if "position_weighting" in overrides:
+        weights = [_brute_position_weight(row, lengths, direction=overrides["position_weighting"]) for row in rows]
+    if "token_selection" in overrides:  # keep max(1, ⌊ρ·G_b⌋) segments per row, the largest losses
+        values = per_segment.detach().tolist()
+        for b in range(len(lengths)):
+            mine = [g for g, row in enumerate(rows) if row[0] == b]
+            keep = max(1, int(0.5 * len(mine)))
+            kept = sorted(mine, key=lambda g: (-values[g], g))[:keep]
+            weights = [w if (g not in mine or g in kept) else 0.0 for g, w in enumerate(weights)]
+    sizes = [row[2] - row[1] for row in rows]
+    if reduction == "token_mean":
+        coefficients = [w / num_items for w in weights]
+    elif reduction == "token_mean_microbatch":
+        coefficients = [w / sum(lengths) for w in weights]
+    elif reduction == "weighted_mean":
+        coefficients = [w / sum(w * n for w, n in zip(weights, sizes)) for w in weights]
+    else:
+        coefficients = [w / (lengths[row[0]] * len(lengths)) for w, row in zip(weights, rows)]
+    expected = (torch.tensor(coefficients) * per_segment).sum()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+    if "token_selection" in overrides:
+        assert 0 < sum(w > 0 for w in weights) < len(weights)
+
+
+def test_weighted_training_runs_and_logs_the_selection(student, teacher, tokenizer, teacher_tokenizer, tmp_path):
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, token_selection="tip_soft_or",
+                    token_ratio=0.5, position_weighting="increasing", loss_reduction="weighted_mean",
+                    per_device_train_batch_size=2)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(entry["loss"]) for entry in logged)
+    assert all(0 < entry["simct/selected_ratio"] < 1 for entry in logged)
+    assert all(0.25 <= entry["simct/segment_weight"] < 1 for entry in logged)
+
+
+# ---------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", ["simct.yaml", "toy/simct.yaml"])
+def test_recipes_parse(name, monkeypatch):
+    """Every key of the recipes is a field of RecipeArguments, SimCTConfig or ModelConfig (no model is loaded)."""
+    from pathlib import Path
+
+    import yaml
+    from trl import ModelConfig, TrlParser
+
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
+    monkeypatch.syspath_prepend(str(recipes))
+    from common import RecipeArguments
+
+    config = yaml.safe_load((recipes / name).read_text())
+    config.pop("env")
+    config["bf16"] = False  # the real recipe asks for bf16 on GPUs
+    parsed = TrlParser((RecipeArguments, SimCTConfig, ModelConfig)).parse_dict(config, allow_extra_keys=False)
+    assert isinstance(parsed[1], SimCTConfig) and parsed[1].cross_tokenizer_loss == "simct"
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -205,6 +302,43 @@ def test_teacher_tokenizer_that_cannot_be_found(student, teacher, tokenizer, tmp
                      processing_class=tokenizer)
 
 
+def test_tokenizer_without_offsets_is_explained_before_any_model_loads(student, teacher, tokenizer, tmp_path):
+    """A pure-Python tokenizer (transformers' `PythonBackend`, like `MistralCommonBackend`) has no character
+    offsets: no fallback, a clear error, raised before any model is loaded (the teacher is a path that does not
+    exist)."""
+    from transformers.tokenization_python import PythonBackend
+
+    class PythonCharTokenizer(PythonBackend):
+        def __init__(self, **kwargs):
+            self._vocab = {c: i for i, c in enumerate(["<eos>", *"abc "])}
+            super().__init__(eos_token="<eos>", **kwargs)
+
+        def get_vocab(self):
+            return dict(self._vocab)
+
+        @property
+        def vocab_size(self):
+            return len(self._vocab)
+
+        def _tokenize(self, text, **kwargs):
+            return list(text)
+
+        def _convert_token_to_id(self, token):
+            return self._vocab.get(token, 0)
+
+        def _convert_id_to_token(self, index):
+            return {i: c for c, i in self._vocab.items()}[index]
+
+    slow = PythonCharTokenizer()
+    assert not slow.is_fast
+    args = SimCTConfig(output_dir=str(tmp_path / "x"), **cpu_args())
+    for student_side, teacher_side in ((tokenizer, slow), (slow, tokenizer)):
+        with pytest.raises(ValueError, match="not a fast"):
+            SimCTTrainer(copy.deepcopy(student), str(tmp_path / "no-teacher-here"), args=args,
+                         train_dataset=prompt_dataset(), processing_class=student_side,
+                         teacher_processing_class=teacher_side)
+
+
 def test_teacher_tokenizer_loads_from_its_directory(student, teacher, tokenizer, teacher_tokenizer, tmp_path):
     teacher_tokenizer.save_pretrained(tmp_path / "teacher-tokenizer")
     args = SimCTConfig(output_dir=str(tmp_path / "z"),
@@ -221,9 +355,12 @@ def test_teacher_tokenizer_loads_from_its_directory(student, teacher, tokenizer,
         ({"simct_span_score": "max"}, "simct_span_score"),
         ({"shared_vocabulary_mode": "exact"}, "shared_vocabulary_mode"),
         ({"uld_merge": "last"}, "uld_merge"),
-        ({"token_selection": "tip_soft_or"}, "token_selection"),
+        ({"token_selection": "tip_q3"}, "token_selection"),
+        ({"token_selection": "tip_entropy_sample", "token_importance_weighting": True}, "token_importance_weighting"),
+        ({"evidence_mode": "threshold"}, "evidence_mode"),
+        ({"guided_fraction": 0.25}, "guided_fraction"),
         ({"divergence": "forward_kl"}, "divergence"),
-        ({"loss_reduction": "sequence_mean"}, "loss_reduction"),
+        ({"loss_reduction": "sum"}, "loss_reduction"),
         ({"seq_kd": True}, "seq_kd"),
         ({"teacher_model_name_or_path": "self"}, "OPDTrainer"),
     ],

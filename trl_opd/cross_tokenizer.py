@@ -855,3 +855,133 @@ def uld_loss(
     per_segment = (student_sorted[:, :width] - teacher_sorted[:, :width]).abs().sum(-1)
     per_segment = per_segment + student_sorted[:, width:].sum(-1) + teacher_sorted[:, width:].sum(-1)
     return _reduce(per_segment, segments, reduction, num_items)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-segment weighting: OPDTrainer's token weighting and reductions, one segment = one loss row
+# ---------------------------------------------------------------------------------------------------------
+
+SEGMENT_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
+
+
+def segment_grid(segments: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each segment sits in a ``[B, G_max]`` grid (its row, then its rank among the row's segments).
+
+    Args:
+        segments: ``int64 [G, 5]`` rows (b, s0, s1, t0, t1), grouped by b (as :func:`stack_segments` gives them).
+        batch_size: B.
+
+    Returns:
+        ``(rank [G], valid [B, G_max])``: ``grid[b, rank[g]]`` is segment g's cell; ``valid`` marks the cells that
+        hold a segment.
+    """
+    rows = segments[:, 0]
+    counts = torch.bincount(rows, minlength=batch_size)
+    first = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(rows), device=rows.device) - first[rows]
+    width = int(counts.max()) if len(rows) else 0
+    valid = torch.zeros((batch_size, max(width, 1)), dtype=torch.bool, device=rows.device)
+    valid[rows, rank] = True
+    return rank, valid
+
+
+@torch.no_grad()
+def segment_position_weights(segments: torch.Tensor, student_mask: torch.Tensor, **position_kwargs) -> torch.Tensor:
+    """PW-OPSD / IW-OPD position weights per segment: the mean of ``weighting.position_weights`` over the
+    segment's student tokens (positions relative to the student's re-tokenised completion). A 1:1 segment gets
+    exactly its token's weight, as in OPDTrainer.
+
+    Args:
+        segments: ``[G, 5]``. student_mask: ``[B, T_S]`` real student tokens.
+        position_kwargs: ``w_min``, ``tau``, ``slope``, ``direction`` of ``position_weights``.
+
+    Returns:
+        float32 ``[G]``.
+    """
+    from .weighting import position_weights
+
+    weights = position_weights(student_mask, **position_kwargs, dtype=torch.float64)
+    cumulative = torch.nn.functional.pad(weights.cumsum(dim=1), (1, 0))
+    rows, s0, s1 = segments[:, 0], segments[:, 1], segments[:, 2]
+    total = cumulative[rows, s1] - cumulative[rows, s0]
+    return (total / (s1 - s0).clamp(min=1)).float()
+
+
+@torch.no_grad()
+def segment_tip_mask(
+    segments: torch.Tensor,
+    student_entropy: torch.Tensor,
+    divergence: torch.Tensor,
+    batch_size: int,
+    **tip_kwargs,
+) -> torch.Tensor:
+    """TIP selection over segments (``weighting.tip_mask`` with one segment in place of one token).
+
+    Args:
+        segments: ``[G, 5]``.
+        student_entropy: ``[B, T_S]`` student entropy; a segment's is the entropy at its first student position
+            (the distribution its loss row is read from).
+        divergence: ``[G]`` the segment's own loss value (detached).
+        batch_size: B.
+        tip_kwargs: ``ratio``, ``strategy`` (``"soft_or"``, ``"entropy_sample"``, ``"divergence_only"``),
+            ``scope``, ``generator`` of ``tip_mask``. ρ is the share of each row's (or the micro-batch's) segments
+            kept, at least one.
+
+    Returns:
+        bool ``[G]``: the kept segments.
+    """
+    from .weighting import tip_mask
+
+    if len(segments) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=segments.device)
+    rank, valid = segment_grid(segments, batch_size)
+    rows = segments[:, 0]
+    entropy_grid = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    entropy_grid[rows, rank] = student_entropy[rows, segments[:, 1]].float()
+    divergence_grid = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    divergence_grid[rows, rank] = divergence.detach().float()
+    return tip_mask(entropy_grid, divergence_grid, valid, **tip_kwargs)[rows, rank]
+
+
+@torch.no_grad()
+def segment_loss_coefficients(
+    segments: torch.Tensor,
+    row_tokens: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    reduction: str = "token_mean",
+    num_items=None,
+    num_sequences=None,
+) -> torch.Tensor:
+    """Detached ``[G]`` coefficients c such that the micro-batch loss is Σ_g c_g · ℓ_g (``losses.token_loss_coefficients``
+    with segments in place of tokens).
+
+    A segment's loss row stands for its n_g = s1 − s0 student tokens, and SimCT divides by student tokens, not by
+    segments. With w the segment weights (default 1) and L_b = ``row_tokens[b]`` (student tokens of row b):
+
+    * ``"token_mean"``: w_g / num_items (default Σ_b L_b); the trainer passes the step's generated tokens.
+    * ``"token_mean_microbatch"``: w_g / max(Σ_b L_b, 1).
+    * ``"sequence_mean"``: w_g / (L_b · num_sequences), num_sequences defaulting to the rows with L_b ≥ 1.
+    * ``"weighted_mean"``: w_g / Σ_g w_g·n_g, the mean over the selected student tokens (TIP Eq. 9); with
+      w = 1 and every token in a segment it equals ``"token_mean_microbatch"``. Pass ``num_items`` to use a
+      cross-process Σ w·n instead.
+    """
+    if reduction not in SEGMENT_REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; choose one of {SEGMENT_REDUCTIONS}.")
+    dtype = torch.float64 if weights is not None and weights.dtype == torch.float64 else torch.float32
+    device = segments.device
+    w = torch.ones(len(segments), dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
+    row_tokens = row_tokens.to(device=device, dtype=dtype)
+    if reduction == "token_mean":
+        denominator = row_tokens.sum().clamp(min=1) if num_items is None else num_items
+        return w / torch.as_tensor(denominator, dtype=dtype, device=device)
+    if reduction == "token_mean_microbatch":
+        return w / row_tokens.sum().clamp(min=1)
+    if reduction == "weighted_mean":
+        total = (w * (segments[:, 2] - segments[:, 1]).to(dtype)).sum() if num_items is None else num_items
+        total = torch.as_tensor(total, dtype=dtype, device=device)
+        return w / total if bool(total > 0) else torch.zeros_like(w)
+    if num_sequences is None:
+        num_sequences = (row_tokens > 0).sum().clamp(min=1)
+    num_sequences = torch.as_tensor(num_sequences, dtype=dtype, device=device)
+    return w / (row_tokens[segments[:, 0]].clamp(min=1) * num_sequences)

@@ -10,20 +10,21 @@ from .opd_config import OPDConfig, _require_choice
 CROSS_TOKENIZER_LOSSES = ("simct", "simple", "uld")
 
 # OPDConfig options that act on per-token distributions over one shared vocabulary. SimCT's rows are per segment
-# over V∩ plus a span column, so these have no meaning here (yet): each must keep its default.
+# over V∩ plus a span column, so these have no meaning here: each must keep its default.
 _UNSUPPORTED_OPD_OPTIONS = {
     "divergence": ("reverse_kl", "SimCT's loss is the reverse KL of its segment rows"),
     "estimator": ("analytic", "the segment rows are compared exactly"),
     "loss_top_k": (None, "rows already cover only V∩ plus the span column"),
     "clip": (None, "no per-entry clip on segment rows"),
-    "loss_reduction": ("token_mean", "only the token mean over the step is implemented"),
-    "token_selection": ("none", "TIP scores tokens over one shared vocabulary"),
-    "position_weighting": ("none", "not implemented per segment yet"),
     "evidence_mode": ("none", "the evidence compares both models' log-probs of one token id"),
     "seq_kd": (False, "the teacher cannot generate in the student's token ids"),
     "guided_fraction": (0.0, "guided rollouts feed the teacher's prompt ids to the student"),
-    "diagnostics_steps": (0, "the top-k overlap compares both models' distributions over one shared vocabulary"),
+    "token_importance_weighting": (False, "importance weights are not implemented per segment"),
 }
+# TIP strategies that work per segment: their scores need only the student entropy at the segment's first position
+# and the segment's own loss value. `tip_q3` scores by a forward KL over one shared vocabulary, which segment rows
+# do not have.
+SEGMENT_TOKEN_SELECTIONS = ("none", "tip_soft_or", "tip_entropy_sample", "tip_divergence_only")
 
 
 @dataclass
@@ -35,10 +36,30 @@ class SimCTConfig(OPDConfig):
     is re-tokenised by both tokenizers (each side after its own prompt and chat template), the two tokenisations are
     aligned on byte offsets, and the loss compares one row per aligned segment (methods.md §8.1–§8.2).
 
-    OPDConfig options that assume one shared vocabulary must keep their defaults: `divergence="reverse_kl"`,
-    `estimator="analytic"`, `loss_top_k=None`, `clip=None`, `loss_reduction="token_mean"`, `token_selection="none"`,
-    `position_weighting="none"`, `evidence_mode="none"`, `seq_kd=False`, `guided_fraction=0`; the teacher cannot be
-    `"self"`. `lmbda < 1` (completions from the dataset) and the privileged teacher prompt work.
+    OPDConfig's token weighting applies per segment: one segment (one loss row) takes the place of one token.
+
+    * `position_weighting` (PW-OPSD `"increasing"`, IW-OPD `"decreasing"`): a segment's weight is the mean of the
+      position weights of its student tokens, positions relative to the student's re-tokenised completion (a 1:1
+      segment gets exactly its token's weight).
+    * `token_selection` = `"tip_soft_or"`, `"tip_entropy_sample"`, `"tip_divergence_only"`: TIP selects segments.
+      A segment's entropy is the student's entropy at its first position (full student vocabulary, at the
+      distillation temperature: the distribution its row is read from); its divergence is its own loss value (the
+      SimCT row's reverse KL; the ULD L1 with `cross_tokenizer_loss="uld"`). `token_ratio` ρ is the share of
+      segments kept, max(1, ⌊ρ·G⌋) per sequence (`token_selection_scope="sequence"`) or per micro-batch
+      (`"batch"`). The scores come from the loss values themselves (both models' logits are materialised anyway),
+      so there is no separate scoring pass.
+    * `loss_reduction`: a segment's row stands for its n student tokens. `"token_mean"` (default) Σ w·ℓ over the
+      step divided by the step's generated tokens; `"token_mean_microbatch"` by the micro-batch's re-tokenised
+      student tokens; `"sequence_mean"` each sequence's Σ w·ℓ over its student tokens, averaged over the step's
+      sequences; `"weighted_mean"` Σ w·ℓ / Σ w·n (the mean over the selected student tokens, TIP Eq. 9), across
+      processes.
+
+    Not meaningful across tokenizers, so refused (each must keep its default): `divergence="reverse_kl"`,
+    `estimator="analytic"`, `loss_top_k=None`, `clip=None` (all act on one shared vocabulary), `token_selection=
+    "tip_q3"` (a forward KL over one vocabulary), `token_importance_weighting=False`, `evidence_mode="none"` (compares
+    both models' log-probs of one token id), `seq_kd=False` and `guided_fraction=0` (the teacher's token ids cannot
+    be fed to the student). The teacher cannot be `"self"` (same tokenizer: use OPDTrainer). `lmbda < 1`
+    (completions from the dataset) and the privileged teacher prompt work.
 
     Parameters:
         teacher_tokenizer_name_or_path (`str` or `None`, defaults to `None`):
@@ -90,6 +111,11 @@ class SimCTConfig(OPDConfig):
             raise ValueError(
                 "teacher_model_name_or_path='self' shares the student's tokenizer; SimCTTrainer is for a teacher "
                 "with another tokenizer. Use OPDTrainer (OPDConfig) for self-distillation."
+            )
+        if self.token_selection not in SEGMENT_TOKEN_SELECTIONS:
+            raise ValueError(
+                f"SimCTConfig does not support token_selection={self.token_selection!r} (its score needs a forward KL "
+                f"over one shared vocabulary); choose one of {SEGMENT_TOKEN_SELECTIONS}, applied per segment."
             )
         for name, (default, reason) in _UNSUPPORTED_OPD_OPTIONS.items():
             if getattr(self, name) != default:

@@ -16,8 +16,9 @@ bytes plus the student's softmax buffers. With a 150k vocabulary and 4,096-token
 sequence and side; keep `per_device_train_batch_size` small (the reference trains with micro-batch 1).
 
 The student is scored on the canonical tokenisation of its sample, which may differ from the sampled ids (SimCT's own
-choice, methods.md §8.4.7). OPDTrainer's token weighting (TIP, PW-OPSD, EDGE-OPD) assumes one shared vocabulary and
-is turned off by `SimCTConfig`.
+choice, methods.md §8.4.7). OPDTrainer's token weighting applies per segment (one loss row = one "token"): PW-OPSD
+position weights, TIP selection (soft-OR, entropy sampling, divergence only) and every `loss_reduction`; the
+options that need one shared vocabulary are refused by `SimCTConfig` (its docstring lists both).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from trl.data_utils import is_conversational
 
 from ..cross_tokenizer import (
     align_texts,
+    segment_loss_coefficients,
+    segment_position_weights,
+    segment_tip_mask,
     shared_vocabulary,
     simct_loss,
     simct_segments,
@@ -91,11 +95,15 @@ class SimCTTrainer(OPDTrainer):
         self._check_teacher_argument(teacher_model)
         if args.uses_self_teacher(teacher_model):
             raise ValueError("teacher_model='self' shares the student's tokenizer: use OPDTrainer for it.")
-        # Loaded before any model, so a missing tokenizer fails fast.
+        # Loaded and checked before any model, so a missing tokenizer, or one without character offsets (a slow,
+        # pure-Python tokenizer: there is no fallback, the alignment is built on offsets), fails fast.
         self.teacher_tokenizer = teacher_processing_class or self._load_teacher_tokenizer(teacher_model, args)
+        token_table(self.teacher_tokenizer)
+        if processing_class is not None:
+            token_table(processing_class)
         super().__init__(model, teacher_model, args, train_dataset, eval_dataset, processing_class, **trainer_kwargs)
         self._check_tokenizers_differ()
-        token_table(self.teacher_tokenizer)  # fails here, not mid-training, if the tokenizer cannot give offsets
+        token_table(self._tokenizer)  # the student's, when the parent loaded it
         self._shared_ids = shared_vocabulary(
             self._tokenizer, self.teacher_tokenizer, mode=args.shared_vocabulary_mode
         )
@@ -243,19 +251,71 @@ class SimCTTrainer(OPDTrainer):
         hidden = self._hidden_states(unwrapped_model, input_ids, attention_mask, ids.size(1))
         return head_logits(hidden, output_head(unwrapped_model))
 
-    def _segment_loss_sum(self, student_logits, teacher_logits, batch: CrossTokenizedBatch) -> torch.Tensor:
+    def _per_segment_loss(self, student_logits, teacher_logits, batch: CrossTokenizedBatch) -> torch.Tensor:
+        """`[G]` loss of every compared segment (gradient to the student logits)."""
         args = self.args
         arguments = (student_logits, teacher_logits, batch.student_ids, batch.teacher_ids, batch.segments)
-        common = {"temperature": self.distillation_temperature, "reduction": "sum"}
+        common = {"temperature": self.distillation_temperature, "reduction": "none"}
         if args.cross_tokenizer_loss == "uld":
             return uld_loss(*arguments, merge=args.uld_merge, **common)
         return simct_loss(*arguments, self._shared_ids, span_score=args.simct_span_score, **common)
 
+    @torch.no_grad()
+    def _segment_weights(self, batch: CrossTokenizedBatch, per_segment, student_entropy):
+        """OPDTrainer's token weighting with one segment per token (see `SimCTConfig`): `[G]` weights or None."""
+        args = self.args
+        factors = []
+        if args.token_selection != "none":
+            kept = segment_tip_mask(
+                batch.segments, student_entropy, per_segment.detach(), batch.student_ids.size(0),
+                ratio=args.token_ratio, strategy=args.token_selection.removeprefix("tip_"),
+                scope=args.token_selection_scope, generator=self._selection_generator(per_segment.device),
+            )
+            factors.append(kept.float())
+        if args.position_weighting != "none":
+            factors.append(segment_position_weights(
+                batch.segments, batch.student_mask, w_min=args.position_w_min, tau=args.position_tau,
+                slope=args.position_slope, direction=args.position_weighting,
+            ))
+        if not factors:
+            return None
+        weights = factors[0]
+        for factor in factors[1:]:
+            weights = weights * factor
+        return weights
+
+    @torch.no_grad()
+    def _segment_coefficients(self, batch: CrossTokenizedBatch, weights, inputs, num_items_in_batch):
+        """`[G]` coefficients with loss = Σ c·ℓ, scaled for gradient accumulation and DDP averaging like
+        `OPDTrainer._loss_coefficients` (token counts are the re-tokenised student tokens)."""
+        reduction = self.args.loss_reduction
+        training = self.model.training
+        row_tokens = batch.student_mask.sum(dim=1)
+        if reduction == "token_mean":  # the step's generated tokens; this micro-batch's student tokens in evaluation
+            return segment_loss_coefficients(batch.segments, row_tokens, weights, num_items=num_items_in_batch)
+        if reduction == "sequence_mean":
+            num_sequences = None
+            if training:
+                num_sequences = inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
+            return segment_loss_coefficients(
+                batch.segments, row_tokens, weights, reduction=reduction, num_sequences=num_sequences
+            )
+        num_items = None
+        if reduction == "weighted_mean" and training:  # Σ w·n over every process at this micro-step
+            counts = (batch.segments[:, 2] - batch.segments[:, 1]).float()
+            local = counts.sum() if weights is None else (counts * weights.float()).sum()
+            total = self.accelerator.gather(local.reshape(1)).sum()
+            num_items = (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
+        coefficients = segment_loss_coefficients(
+            batch.segments, row_tokens, weights, reduction=reduction, num_items=num_items
+        )
+        return coefficients / self.current_gradient_accumulation_steps if training else coefficients
+
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        """Σ over segments of the loss, divided by `num_items_in_batch` (the step's generated tokens per process,
-        so the sum over micro-batches and processes is the token mean of the step; gradient-accumulation exact).
-        Without it (evaluation), by this micro-batch's re-tokenised student tokens. Returns (loss, entropy sum,
-        student token count) like `trl.DistillationTrainer._compute_loss`."""
+        """Σ over segments of c·ℓ (`_segment_coefficients`; by default c = 1 / `num_items_in_batch`, the step's
+        generated tokens per process, so the sum over micro-batches and processes is the token mean of the step;
+        gradient-accumulation exact). Without it (evaluation), by this micro-batch's re-tokenised student tokens.
+        Returns (loss, entropy sum, student token count) like `trl.DistillationTrainer._compute_loss`."""
         batch = self._cross_tokenize(inputs)
         student_logits = self._completion_logits(
             unwrapped_student, inputs["prompt_ids"], inputs["prompt_mask"],
@@ -266,24 +326,30 @@ class SimCTTrainer(OPDTrainer):
             batch.teacher_ids, batch.teacher_mask, teacher=True,
         ).to(student_logits.device)
         batch.segments = batch.segments.to(student_logits.device)
+        student_entropy = self._student_entropy(student_logits.detach())
+        weights = None
         if len(batch.segments) == 0:  # nothing aligned (no anchor): a zero loss that still touches the graph
-            loss_sum = student_logits.sum() * 0.0
+            loss = student_logits.sum() * 0.0
+            loss_sum = loss.detach()
         else:
-            loss_sum = self._segment_loss_sum(student_logits, teacher_logits, batch)
-        normaliser = num_items_in_batch if num_items_in_batch is not None else max(batch.student_tokens, 1)
-        loss = loss_sum / normaliser
-        self._stash_alignment_stats(batch, loss_sum.detach())
-        entropy_sum = self._student_entropy_sum(student_logits.detach(), batch.student_mask)
+            per_segment = self._per_segment_loss(student_logits, teacher_logits, batch)
+            weights = self._segment_weights(batch, per_segment, student_entropy)
+            coefficients = self._segment_coefficients(batch, weights, inputs, num_items_in_batch)
+            loss = (coefficients.to(per_segment.dtype) * per_segment).sum().to(student_logits.dtype)
+            loss_sum = per_segment.detach().sum()
+        self._stash_alignment_stats(batch, loss_sum, weights)
+        entropy_sum = (student_entropy * batch.student_mask).sum()
         return loss, entropy_sum, batch.student_mask.sum()
 
-    def _student_entropy_sum(self, student_logits, student_mask) -> torch.Tensor:
+    def _student_entropy(self, student_logits) -> torch.Tensor:
+        """`[B, T_S]` entropy of the student's next-token distribution at the distillation temperature."""
         log_probs = torch.log_softmax(student_logits / self.distillation_temperature, dim=-1)
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
-        return (entropy * student_mask).sum()
+        return -(log_probs.exp() * log_probs).sum(-1)
 
-    def _stash_alignment_stats(self, batch: CrossTokenizedBatch, loss_sum: torch.Tensor) -> None:
+    def _stash_alignment_stats(self, batch: CrossTokenizedBatch, loss_sum: torch.Tensor, weights=None) -> None:
         """`simct/align_ratio`: share of student tokens inside a compared segment; `simct/segment_loss`: mean loss
-        per segment; `simct/shared_vocab_size`: |V∩|."""
+        per segment; `simct/shared_vocab_size`: |V∩|; with token weighting, `simct/selected_ratio` (segments with a
+        non-zero weight) and `simct/segment_weight` (mean weight per segment)."""
         device = batch.student_mask.device
         student_tokens = torch.tensor(float(batch.student_tokens), device=device)
         covered = (batch.segments[:, 2] - batch.segments[:, 1]).sum().float().to(device)
@@ -292,4 +358,7 @@ class SimCTTrainer(OPDTrainer):
         self._stash_stat("simct/segment_loss", loss_sum.float().to(device), segments)
         shared = torch.tensor(float(len(self._shared_ids[0])), device=device)
         self._stash_stat("simct/shared_vocab_size", shared, torch.ones((), device=device))
+        if weights is not None:
+            self._stash_stat("simct/selected_ratio", (weights != 0).sum().float().to(device), segments)
+            self._stash_stat("simct/segment_weight", weights.sum().float().to(device), segments)
 

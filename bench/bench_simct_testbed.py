@@ -1,0 +1,211 @@
+r"""Cross-tokenizer on-policy distillation on the testbed: SimCT vs ULD, held-out accuracy over seeds.
+
+Setting `multistrategy_bpe_teacher` (trl_opd.testbed): the multi-strategy task ("Compute a+b+c.", six valid orders
+of the additions); the teacher (2 layers, width 96) was trained with a byte-level BPE tokenizer (400 pieces,
+"122" is one token), the student (2 layers, width 64, cold-started on one strategy) is the character-level
+student of the `multistrategy` setting. The two models share no token ids: only SimCTTrainer can distil here.
+
+Methods (same prompts, steps, batch 32, lr 1e-3 constant, T = 1, completions of at most 40 student tokens; the
+distillation seed varies, the checkpoints are fixed, as testbed.md recommends for method comparisons):
+
+* `simct`   SimCTTrainer, `cross_tokenizer_loss="simct"` (reverse KL over V∩ plus a span column per segment)
+* `simple`  SimCTTrainer, `cross_tokenizer_loss="simple"` (the same rows on 1:1 anchors only; SimCT's ablation)
+* `uld`     SimCTTrainer, `cross_tokenizer_loss="uld"` (ULD / TRL GOLD: sorted-probability L1 per segment)
+
+    python bench/bench_simct_testbed.py --methods simct uld --seeds 0 1 2 --steps 200
+
+Runs one at a time (`--workers 1`, the default) with one torch thread each. Each call merges its runs into
+bench/results/simct_testbed.json and rewrites bench/results/simct_testbed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STEM = RESULTS / "simct_testbed"
+SETTING = "multistrategy_bpe_teacher"
+METHODS = ("simct", "simple", "uld")
+
+
+def training_args(output_dir: str, seed: int, steps: int) -> dict:
+    """The testbed's OPD settings (testbed.md), as in recipes/toy/simct.yaml."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        max_grad_norm=1.0,
+        seed=seed,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=25,
+        disable_tqdm=True,
+        temperature=1.0,
+        max_completion_length=40,
+    )
+
+
+def run_one(job: dict) -> dict:
+    """One (method, seed): a fresh copy of the cached student, train, held-out accuracy."""
+    import torch
+
+    torch.set_num_threads(1)
+    from trl_opd import SimCTConfig, SimCTTrainer, testbed
+    from trl_opd.testbed.training import load_pretrained
+
+    paths = testbed.prepare(SETTING, seed=job["testbed_seed"], show_progress=False)
+    student, tokenizer = load_pretrained(paths["student"])
+    teacher, teacher_tokenizer = load_pretrained(paths["teacher"])
+    student.train()
+    data = testbed.make_dataset(job["steps"] * 32, paths["task"], seed=job["seed"])
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = SimCTConfig(
+            **training_args(output_dir, job["seed"], job["steps"]), cross_tokenizer_loss=job["method"]
+        )
+        trainer = SimCTTrainer(
+            student, teacher, args=args, train_dataset=data, processing_class=tokenizer,
+            teacher_processing_class=teacher_tokenizer,
+        )
+        start = time.perf_counter()
+        cpu_start = time.process_time()
+        trainer.train()
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    result = {
+        **job,
+        "accuracy": testbed.accuracy(trainer.model, tokenizer, testbed.heldout_problems(paths["task"])),
+        "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
+        "first_log": logs[0] if logs else None,
+        "last_log": logs[-1] if logs else None,
+    }
+    print(json.dumps({k: result[k] for k in ("method", "seed", "accuracy", "train_seconds")}), flush=True)
+    return result
+
+
+def baselines(testbed_seed: int) -> dict:
+    """Held-out accuracy of the teacher and of the student before distillation, and the tokenisations."""
+    from trl_opd import testbed
+    from trl_opd.testbed.training import load_pretrained
+
+    paths = testbed.prepare(SETTING, seed=testbed_seed, show_progress=False)
+    heldout = testbed.heldout_problems(paths["task"])
+    scores = {}
+    for name in ("teacher", "student"):
+        model, tokenizer = load_pretrained(paths[name])
+        scores[name] = testbed.accuracy(model, tokenizer, heldout)
+        scores[f"{name}_vocab"] = len(tokenizer)
+        example = heldout[0]["prompt"] + heldout[0]["completion"]
+        scores[f"{name}_tokens_example"] = len(tokenizer(example)["input_ids"])
+    scores["example"] = heldout[0]["prompt"] + heldout[0]["completion"]
+    return scores
+
+
+def summarise(results: list[dict], baseline: dict) -> str:
+    gap = baseline["teacher"] - baseline["student"]
+    lines = [
+        "| method | seeds | accuracy per seed (%) | mean ± sd | change vs student | gap recovered | train s/run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in METHODS:
+        rows = sorted((r for r in results if r["method"] == method), key=lambda r: r["seed"])
+        if not rows:
+            continue
+        scores = [100 * r["accuracy"] for r in rows]
+        mean, sd = statistics.mean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+        lines.append(
+            f"| {method} | {', '.join(str(r['seed']) for r in rows)} | "
+            + ", ".join(f"{s:.1f}" for s in scores)
+            + f" | {mean:.1f} ± {sd:.1f} | {mean - 100 * baseline['student']:+.1f} | "
+            f"{(mean / 100 - baseline['student']) / gap:.2f} | "
+            f"{statistics.mean(r['train_seconds'] for r in rows):.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(record: dict) -> str:
+    baseline = record["baseline"]
+    steps = sorted({r["steps"] for r in record["results"]})
+    tables = [
+        f"## {n} steps\n\n" + summarise([r for r in record["results"] if r["steps"] == n], baseline) for n in steps
+    ]
+    text = (
+        "# Cross-tokenizer OPD on the testbed: SimCT vs ULD\n\n"
+        "Setting `multistrategy_bpe_teacher`: BPE teacher "
+        f"({baseline['teacher_vocab']} tokens in its vocabulary, {baseline['teacher_tokens_example']} tokens for "
+        f"the example below), character-level student ({baseline['student_vocab']} tokens, "
+        f"{baseline['student_tokens_example']} tokens for it); example `{baseline['example']!r}`.\n\n"
+        f"Starting points (300 held-out problems, greedy): teacher {100 * baseline['teacher']:.1f}%, student "
+        f"{100 * baseline['student']:.1f}%. Batch 32, lr 1e-3 constant, T = 1, at most 40 completion tokens; the "
+        "distillation seed varies, the checkpoints are fixed. sd is the sample standard deviation over seeds.\n\n"
+        + "\n".join(f"`{command}`" for command in record["commands"])
+        + f"\n\nDevice: {record['hardware']}.\n\n"
+        + "\n".join(tables)
+    )
+    STEM.with_suffix(".md").write_text(text)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--testbed-seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--methods", nargs="+", default=["simct", "uld"], choices=METHODS)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--no-save", action="store_true", help="print the results, do not write bench/results")
+    options = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    baseline = baselines(options.testbed_seed)
+    print(json.dumps(baseline), flush=True)
+    jobs = [
+        dict(testbed_seed=options.testbed_seed, seed=seed, steps=options.steps, method=method)
+        for seed in options.seeds
+        for method in options.methods
+    ]
+    if options.workers == 1:
+        results = [run_one(job) for job in jobs]
+    else:
+        with ProcessPoolExecutor(options.workers) as pool:
+            results = list(pool.map(run_one, jobs))
+    if options.no_save:
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = STEM.with_suffix(".json")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    replaced = {(r["method"], r["seed"], r["steps"]) for r in results}
+    kept = [r for r in previous.get("results", []) if (r["method"], r["seed"], r["steps"]) not in replaced]
+    command = "python bench/" + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    record = {
+        "commands": sorted(set(previous.get("commands", [])) | {command}),
+        "hardware": f"{os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs, torch "
+        f"{torch.__version__}, 1 thread, runs one after another",
+        "setting": SETTING,
+        "baseline": baseline,
+        "results": sorted(kept + results, key=lambda r: (r["steps"], r["method"], r["seed"])),
+    }
+    path.write_text(json.dumps(record, indent=2))
+    print(write_report(record))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
