@@ -31,7 +31,7 @@ to LM-head work (16 layers, vocabulary 11,008); `qwen3-1.7b` (GPU) is the random
 the teacher is 96 wide, the student 64, so OPRD goes through the trainable projector), fixed teacher and student,
 several distillation seeds, held-out accuracy after training.
 
-    python bench/bench_oprd.py efficiency --shape cpu            # -> bench/results/oprd_cpu.json
+    python bench/bench_oprd.py efficiency --shape cpu --combined  # -> bench/results/oprd_cpu.{json,md}
     python bench/bench_oprd.py efficiency --shape qwen3-1.7b --device cuda --batch 2 --completion 8192
     python bench/bench_oprd.py testbed --seeds 0 1 2             # -> bench/results/oprd_testbed_multistrategy.json
 """
@@ -444,41 +444,150 @@ def run_testbed(args) -> None:
 # ------------------------------------------------------------------------------------------- command line
 
 
-def run_efficiency(args) -> None:
-    if args.child:
-        return child(args)
-    variants = ["opd_top16", "oprd"] + (["opd_top16_plus_oprd"] if args.combined else [])
-    results = {}
-    for variant in variants:
-        results[variant] = run_variant(variant, args)
-        print(json.dumps(results[variant]), flush=True)
+# What each shape's ratios mean (written under the table of the Markdown summary).
+SHAPE_NOTES = {
+    "cpu": "Shape `cpu` is the DESIGN.md loss shape: a 151,936-token vocabulary on a 4-layer, 256-wide backbone, "
+    "so the LM head (which representation-only OPRD never computes) is most of the work and memory; the ratios "
+    "are the upper end of what OPRD saves. With Qwen3-1.7B's backbone-to-head proportions (`cpu_proportional`, "
+    "bench/results/oprd_cpu_proportional.md) OPRD's update step is about as fast as top-16 OPD and needs ~0.69x "
+    "its delta peak: neither target is met there.",
+    "cpu_proportional": "Shape `cpu_proportional` keeps Qwen3-1.7B's ratio of backbone to LM-head work (16 layers, "
+    "11,008-token vocabulary, 256 wide): here the LM head is a small part of the update step, and distilling all "
+    "16 layers' states costs about what top-16 OPD's head saves, so OPRD is not faster and its delta peak is "
+    "~0.69x OPD's (targets >= 1.44x and <= 0.46 not met). Measured once, under load from other jobs.",
+}
+
+# Targets (issue 4, from the paper's Table 3): OPRD's update step at least 1.44x faster than top-16 OPD, and its
+# update-phase peak memory at most 0.46x OPD's (the paper's -54%).
+TARGET_SPEEDUP = 1.44
+TARGET_PEAK_MEMORY_RATIO = 0.46
+
+
+def efficiency_command(args) -> str:
+    """The command line that reproduces a measurement (the defaults left out)."""
+    parts = ["python bench/bench_oprd.py efficiency", f"--shape {args.shape}", f"--device {args.device}"]
+    for name, default in (("batch", 2), ("prompt", 64), ("completion", 576), ("steps", 4), ("threads", 1)):
+        if getattr(args, name) != default:
+            parts.append(f"--{name} {getattr(args, name)}")
+    if args.combined:
+        parts.append("--combined")
+    return " ".join(parts)
+
+
+def efficiency_report(args, results: dict, device: str, command: str) -> dict:
+    """Ratios of representation-only OPRD to top-16 OPD from the measured variants, with unambiguous names:
+    `speedup_*` = OPD time / OPRD time (> 1: OPRD faster), `peak_memory_ratio_*` = OPRD Δpeak / OPD Δpeak
+    (< 1: OPRD uses less)."""
     opd, oprd = results["opd_top16"], results["oprd"]
-    report = {
+    speedup = opd["step_seconds"] / oprd["step_seconds"]
+    cpu_speedup = opd["step_cpu_seconds"] / oprd["step_cpu_seconds"]
+    memory_ratio = oprd["delta_peak_gb"] / opd["delta_peak_gb"]
+    return {
         "what": "update phase (teacher fwd + student fwd + loss + backward + AdamW step) on one fixed batch",
+        "command": command,
         "shape": args.shape,
         "model": SHAPES[args.shape],
         "batch": args.batch,
         "prompt": args.prompt,
         "completion": args.completion,
         "supervised_tokens": sum(completion_lengths(args.batch, args.completion)),
-        "device": machine_description(args.device),
+        "device": device,
         "threads": args.threads,
-        "speedup_oprd_vs_opd_top16": opd["step_seconds"] / oprd["step_seconds"],
-        "cpu_time_speedup": opd["step_cpu_seconds"] / oprd["step_cpu_seconds"],
-        "memory_reduction_oprd_vs_opd_top16": 1 - oprd["delta_peak_gb"] / opd["delta_peak_gb"],
+        "speedup_oprd_vs_opd_top16": speedup,
+        "cpu_time_speedup_oprd_vs_opd_top16": cpu_speedup,
+        "peak_memory_ratio_oprd_over_opd_top16": memory_ratio,
+        "targets": {
+            "speedup_at_least": TARGET_SPEEDUP,
+            "peak_memory_ratio_at_most": TARGET_PEAK_MEMORY_RATIO,
+            "speedup_met": speedup >= TARGET_SPEEDUP and cpu_speedup >= TARGET_SPEEDUP,
+            "peak_memory_ratio_met": memory_ratio <= TARGET_PEAK_MEMORY_RATIO,
+        },
+        "definitions": {
+            "speedup_oprd_vs_opd_top16": "median wall-clock step time of opd_top16 / that of oprd (>1: OPRD faster)",
+            "cpu_time_speedup_oprd_vs_opd_top16": "the same with process CPU time (robust to other jobs)",
+            "peak_memory_ratio_oprd_over_opd_top16": "update-phase peak memory above the step's start (delta "
+            "peak) of oprd / that of opd_top16 (<1: OPRD uses less; 0.46 = the paper's -54%)",
+        },
         "paper": {
-            "speedup": 1.44,
-            "memory_reduction": 0.54,
-            "note": "Table 3: end-to-end time (rollouts included) and update_policy delta-peak, 8xA100",
+            "speedup": TARGET_SPEEDUP,
+            "peak_memory_ratio": TARGET_PEAK_MEMORY_RATIO,
+            "note": "Table 3: end-to-end time (rollouts included) and update_policy delta-peak (-54%), 8xA100",
         },
         "results": results,
     }
-    output = args.output or RESULTS / f"oprd_{args.shape}.json"
+
+
+def efficiency_markdown(report: dict) -> str:
+    rows = [
+        "| variant | step wall s (median) | step CPU s (median) | update-phase delta peak GB |",
+        "|---|---|---|---|",
+    ]
+    for name, row in report["results"].items():
+        rows.append(f"| {name} | {row['step_seconds']:.2f} | {row['step_cpu_seconds']:.2f} | "
+                    f"{row['delta_peak_gb']:.3f} |")
+    targets = report["targets"]
+    verdict = lambda met: "met" if met else "**not met**"  # noqa: E731
+    return "\n".join([
+        f"# OPRD vs top-16 OPD: update-phase speed and memory (shape `{report['shape']}`)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Device: {report['device']}, {report['threads']} thread(s) per variant  ",
+        f"Model (teacher and student, same architecture, different random weights): `{report['model']}`  ",
+        f"Batch {report['batch']} x (prompt {report['prompt']} + completion up to {report['completion']}), "
+        f"{report['supervised_tokens']} supervised tokens; representation-only OPRD on all layers, last 2,000 "
+        "positions, raw states; OPD = reverse KL on the student's top-16 tokens. One warm-up step, then the median "
+        "of the measured steps; memory in a separate process.",
+        "",
+        *rows,
+        "",
+        "| ratio | value | target | |",
+        "|---|---|---|---|",
+        f"| speed-up (OPD top-16 step time / OPRD step time), wall | {report['speedup_oprd_vs_opd_top16']:.2f}x "
+        f"| >= {targets['speedup_at_least']}x | {verdict(targets['speedup_met'])} |",
+        f"| speed-up, process CPU time | {report['cpu_time_speedup_oprd_vs_opd_top16']:.2f}x "
+        f"| >= {targets['speedup_at_least']}x | |",
+        f"| peak-memory ratio (OPRD delta peak / OPD top-16 delta peak) "
+        f"| {report['peak_memory_ratio_oprd_over_opd_top16']:.3f} | <= {targets['peak_memory_ratio_at_most']} "
+        f"| {verdict(targets['peak_memory_ratio_met'])} |",
+        "",
+        "The paper's figures (Table 3) are end-to-end time with rollouts and the update-phase delta peak on 8xA100; "
+        "these are update-phase only (generation is identical for both and left out). On a shared CPU the wall "
+        "times include waiting for other jobs; the process CPU time of the single-threaded runs measures the work.",
+        "",
+        SHAPE_NOTES.get(report["shape"], ""),
+        "",
+    ])
+
+
+def write_efficiency(report: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(efficiency_markdown(report))
+
+
+def run_efficiency(args) -> None:
+    if args.child:
+        return child(args)
+    output = args.output or RESULTS / f"oprd_{args.shape}.json"
+    if args.from_results:  # re-derive the ratios and the Markdown from the measured variants, measure nothing
+        measured = json.loads(output.read_text())
+        for name in ("batch", "prompt", "completion", "threads"):
+            setattr(args, name, measured[name])
+        args.combined = "opd_top16_plus_oprd" in measured["results"]
+        command = measured.get("command", efficiency_command(args))
+        report = efficiency_report(args, measured["results"], measured["device"], command)
+    else:
+        variants = ["opd_top16", "oprd"] + (["opd_top16_plus_oprd"] if args.combined else [])
+        results = {}
+        for variant in variants:
+            results[variant] = run_variant(variant, args)
+            print(json.dumps(results[variant]), flush=True)
+        report = efficiency_report(args, results, machine_description(args.device), efficiency_command(args))
+    write_efficiency(report, output)
     print(
-        f"speed-up {report['speedup_oprd_vs_opd_top16']:.2f}x, memory "
-        f"-{100 * report['memory_reduction_oprd_vs_opd_top16']:.0f}%; wrote {output}"
+        f"speed-up {report['speedup_oprd_vs_opd_top16']:.2f}x (CPU time "
+        f"{report['cpu_time_speedup_oprd_vs_opd_top16']:.2f}x), peak-memory ratio OPRD/OPD "
+        f"{report['peak_memory_ratio_oprd_over_opd_top16']:.3f}; wrote {output} and {output.with_suffix('.md')}"
     )
 
 
@@ -499,6 +608,10 @@ def main() -> None:
     )
     efficiency.add_argument("--combined", action="store_true", help="also run OPD top-16 + OPRD")
     efficiency.add_argument("--output", type=Path, default=None)
+    efficiency.add_argument(
+        "--from-results", action="store_true",
+        help="measure nothing: rewrite the ratios and the Markdown summary from the variants in --output",
+    )
     efficiency.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     efficiency.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     efficiency.add_argument("--measure", choices=("time", "memory"), default="time", help=argparse.SUPPRESS)
