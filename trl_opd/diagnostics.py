@@ -43,9 +43,8 @@ _INDEX = {name: index for index, name in enumerate(_TOTALS)}
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
-    """H(p) from log p over the last dim; entries with p = 0 (logit −inf) contribute 0."""
-    probs = log_probs.exp()
-    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(dim=-1)
+    """H(p) from log p over the last dim; entries with p = 0 (logit −inf) contribute 0 (``entr(0) = 0``)."""
+    return torch.special.entr(log_probs.exp()).sum(dim=-1)
 
 
 def _renormalised_log_probs(log_probs: Tensor, in_set: Tensor) -> Tensor:
@@ -54,12 +53,14 @@ def _renormalised_log_probs(log_probs: Tensor, in_set: Tensor) -> Tensor:
     return restricted - torch.logsumexp(restricted, dim=-1, keepdim=True)
 
 
-def _overlap_sums(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float) -> Tensor:
-    """Sums over positions of every diagnostic, laid out as ``_TOTALS``; logits [n, V] of valid positions."""
+def _overlap_sums(student_logits: Tensor, teacher_logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """Sums over positions of every diagnostic, laid out as ``_TOTALS``, and the student entropies [n];
+    logits [n, V] of valid positions."""
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     student_log_probs = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    entropy_gap = (_entropy(teacher_log_probs) - _entropy(student_log_probs)).abs()
+    student_entropy = _entropy(student_log_probs)
+    entropy_gap = (_entropy(teacher_log_probs) - student_entropy).abs()
 
     student_top = student_log_probs.topk(k, dim=-1).indices
     teacher_top = teacher_log_probs.topk(k, dim=-1).indices
@@ -86,7 +87,7 @@ def _overlap_sums(student_logits: Tensor, teacher_logits: Tensor, k: int, temper
         overlapping.sum(),
     ]
     device = student_logits.device
-    return torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in sums])
+    return torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in sums]), student_entropy
 
 
 def _check_overlap_settings(k: int, temperature: float) -> None:
@@ -130,8 +131,12 @@ class OverlapAccumulator:
         self.totals = None
 
     @torch.no_grad()
-    def update(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> None:
-        """Add a chunk: logits [..., V] (same shape), ``mask`` [...] (non-zero = valid; None = all valid)."""
+    def update(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Add a chunk: logits [..., V] (same shape), ``mask`` [...] (non-zero = valid; None = all valid).
+
+        Returns the student's entropy H(p_S,t) at the chunk's valid positions, flattened in order ([n]), so a
+        caller that also needs it (OPDTrainer's TIP quadrant shares) does not compute it twice.
+        """
         _check_logits(student_logits, teacher_logits, self.k)
         if mask is not None and mask.shape != student_logits.shape[:-1]:
             raise ValueError(
@@ -145,9 +150,10 @@ class OverlapAccumulator:
             keep = mask.reshape(-1) != 0
             student_logits, teacher_logits = student_logits[keep], teacher_logits[keep]
         if student_logits.shape[0] == 0:
-            return
-        sums = _overlap_sums(student_logits, teacher_logits, self.k, self.temperature)
+            return student_logits.new_zeros(0, dtype=torch.promote_types(student_logits.dtype, torch.float32))
+        sums, student_entropy = _overlap_sums(student_logits, teacher_logits, self.k, self.temperature)
         self.totals = sums if self.totals is None else self.totals + sums.to(self.totals.device)
+        return student_entropy
 
     def sums_and_counts(self, device=None) -> dict[str, tuple[Tensor, Tensor]]:
         """{key: (sum, count)} float64 tensors of the five averages: ``compute()[key]`` is sum / count.

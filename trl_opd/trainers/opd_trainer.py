@@ -38,7 +38,6 @@ from trl.trainer.utils import create_model_from_path, pad
 from ..diagnostics import OverlapAccumulator
 from ..losses import (
     chunked_token_divergence,
-    entropy_from_logits,
     fused_divergence_loss,
     per_token_divergence,
     sampled_token_kl,
@@ -141,6 +140,11 @@ class _OPDTrainerCore(DistillationTrainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # Every check that needs no weights runs first, so bad input fails before anything is loaded.
         self._check_teacher_argument(teacher_model)
+        if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+            raise ValueError(
+                "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or pass "
+                "the teacher as a model id/path."
+            )
         self._self_teacher = args.uses_self_teacher(teacher_model)
         self._privileged = args.uses_teacher_context(teacher_model)
         self._check_datasets(train_dataset, eval_dataset, args)
@@ -243,7 +247,14 @@ class _OPDTrainerCore(DistillationTrainer):
     @staticmethod
     def _model_config(model, args: OPDConfig, revision: str | None = None):
         if isinstance(model, str):
-            return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+            try:
+                return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+            except OSError as error:
+                raise ValueError(
+                    f"Could not load the model config of {model!r}: it is not a local directory with a config.json, "
+                    f"and the Hub could not provide it ({error}). Check the path or Hub id, `revision`, and "
+                    "HF_HUB_OFFLINE."
+                ) from error
         return model.config
 
     def _shared_vocab_size(self, model, teacher_model, processing_class, args: OPDConfig) -> int | None:
@@ -767,9 +778,9 @@ class _OPDTrainerCore(DistillationTrainer):
             rows = slice(start, start + args.loss_chunk_size)
             student_logits = head_logits(student_rows[rows], student_head, self._loss_vocab_size)
             teacher_logits = head_logits(teacher_rows[rows], teacher_head, self._loss_vocab_size)
-            overlap.update(student_logits, teacher_logits)
+            student_entropy = overlap.update(student_logits, teacher_logits)  # H(p_S) at T_d, as TIP scores it
             if need_quadrants:
-                entropy.append(entropy_from_logits(student_logits, temperature))
+                entropy.append(student_entropy.float())
                 divergence.append(per_token_divergence(student_logits, teacher_logits, **self._divergence_kwargs()))
             if args.loss_top_k is not None:
                 masses = top_k_mass(student_logits, teacher_logits, top_k=args.loss_top_k,
@@ -862,6 +873,7 @@ class _OPDTrainerCore(DistillationTrainer):
         device = student_head.weight.device
         student_hidden, teacher_hidden = student_hidden.to(device), teacher_hidden.to(device)
         loss_mask = loss_mask.to(device)
+        self._check_finite_hidden_states(student_hidden, teacher_hidden, loss_mask)
 
         with torch.no_grad():
             weights = self._token_weights(
@@ -882,7 +894,28 @@ class _OPDTrainerCore(DistillationTrainer):
         if weights is not None:
             self._stash_stat("token_weight", weights[loss_mask.bool()].float().sum(), loss_mask.sum())
             self._stash_stat("selected_ratio", rows.sum(), loss_mask.sum())
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"The distillation loss is {loss.item()} at step {self.state.global_step} although both models' hidden "
+                "states are finite: an LM head holds NaN/inf weights, or the logits overflow their dtype (load the "
+                "models in bfloat16 or float32). Stopped before the update corrupts the student."
+            )
         return loss, entropy.sum().detach(), rows.sum()
+
+    def _check_finite_hidden_states(self, student_hidden, teacher_hidden, loss_mask) -> None:
+        """NaN/inf in either model's last hidden states (hence logits) at completion tokens: a clear error before the
+        update, instead of a NaN loss that `logging_nan_inf_filter` hides while the weights become NaN."""
+        valid = loss_mask.bool()
+        for name, hidden in (("teacher", teacher_hidden), ("student", student_hidden)):
+            finite = torch.isfinite(hidden[valid]).all(dim=-1)
+            if not finite.all():
+                raise FloatingPointError(
+                    f"The {name}'s hidden states (and so its logits) are NaN or inf at {(~finite).sum().item()} of "
+                    f"{finite.numel()} completion tokens at step {self.state.global_step}. Likely causes: fp16 "
+                    f"overflow (load the {name} in bfloat16 or float32, e.g. "
+                    f"`{'teacher_' if name == 'teacher' else ''}model_init_kwargs={{'dtype': 'bfloat16'}}`) or "
+                    "corrupted weights. Stopped before the update corrupts the student."
+                )
 
     def _head_kwargs(self, student_head: OutputHead, teacher_head: OutputHead) -> dict:
         return {
