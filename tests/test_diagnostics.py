@@ -184,3 +184,11 @@ def test_plot_diagnostics_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match="pip install 'trl_opd\\[plot\\]'"):
         plot_diagnostics([], tmp_path)
+
+
+def test_update_returns_the_student_entropy_of_the_valid_positions():
+    student, teacher, mask = logits_with_disjoint_positions(4, rows=2, width=5)
+    returned = OverlapAccumulator(k=3, temperature=0.7).update(student, teacher, mask)
+    expected = [entropy(softmax(student[b, t].tolist(), 0.7)) for b in range(2) for t in range(5) if mask[b, t]]
+    assert returned.tolist() == pytest.approx(expected, rel=1e-12)
+    assert OverlapAccumulator(k=3).update(student, teacher, torch.zeros(2, 5)).shape == (0,)
