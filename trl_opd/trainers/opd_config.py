@@ -27,6 +27,37 @@ def _require_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
 
 
+_FIELD_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict, str)}
+
+
+def check_field_types(config, owner) -> None:
+    """A clear error for a value of the wrong type in a field declared by `owner` (a config dataclass), e.g. a YAML
+    list or string where a number belongs; otherwise the first comparison fails with an obscure TypeError.
+    Annotations are strings (`from __future__ import annotations`): `float`, `int | None`, `dict | None`, ..."""
+    for name, declared in owner.__annotations__.items():
+        if not isinstance(declared, str):
+            continue
+        kinds = [kind.strip() for kind in declared.split("|")]
+        if not all(kind in _FIELD_TYPES or kind == "None" for kind in kinds):
+            continue  # a richer annotation: its own validation checks it
+        value = getattr(config, name, None)
+        if value is None and "None" in kinds:
+            continue
+        allowed = tuple(t for kind in kinds if kind in _FIELD_TYPES for t in _FIELD_TYPES[kind])
+        numeric = "bool" not in kinds and isinstance(value, bool)  # True is an int, but not a number here
+        if numeric or not isinstance(value, allowed):
+            raise ValueError(
+                f"`{name}` must be of type {declared}, got {value!r} ({type(value).__name__}). In a YAML recipe write "
+                f"a plain value, e.g. `{name}: {_example(kinds)}`."
+            )
+
+
+def _example(kinds) -> str:
+    return {"float": "0.5", "int": "8", "bool": "true", "str": "name", "dict": "{key: value}"}[
+        next(kind for kind in kinds if kind != "None")
+    ]
+
+
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Unknown `{name}`={value!r}. Choose one of {', '.join(map(repr, choices))}.")
@@ -335,6 +366,7 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
 
     def _validate_opd_fields(self) -> None:
         """Checks that need no model: they run at construction, before anything expensive."""
+        check_field_types(self, OPDConfig)
         self.validate_representation_arguments()
         _require_choice("divergence", self.divergence, DIVERGENCES)
         _require_choice("estimator", self.estimator, ESTIMATORS)
@@ -355,6 +387,11 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             raise ValueError(f"`loss_top_k` must be >= 1 (or None for the full vocabulary), got {self.loss_top_k}.")
         if self.clip is not None and self.clip <= 0:
             raise ValueError(f"`clip` must be > 0 (or None for no clip), got {self.clip}.")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ValueError(
+                f"`max_completion_length` must be >= 1 (the number of tokens generated per prompt), "
+                f"got {self.max_completion_length}."
+            )
         if self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}.")
         if self.estimator != "analytic":

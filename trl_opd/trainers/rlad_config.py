@@ -9,6 +9,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from .opd_config import check_field_types
+
 logger = logging.getLogger(__name__)
 
 
@@ -91,6 +93,7 @@ class RLADConfig(GRPOConfig):
 
     def _validate_rlad_fields(self) -> None:
         """Checks that need no model: they run at construction, before anything is loaded."""
+        check_field_types(self, RLADConfig)
         if not 0.0 <= self.rlad_alpha <= 1.0:
             raise ValueError(
                 f"`rlad_alpha` must be in [0, 1], got {self.rlad_alpha}: 1 is plain GRPO, 0 anchors the ratio to the "
