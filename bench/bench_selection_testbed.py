@@ -40,12 +40,8 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("opd", "tip", "opsd", "pw_opsd", "edge_opd", "opsd_guided", "opsd_evidence")
 SELF_DISTILLATION = ("opsd", "pw_opsd", "edge_opd", "opsd_guided", "opsd_evidence")
-TEMPLATE = "Solution: {solution}\n{problem}"  # only testbed characters: the char tokenizer encodes it exactly
-CONTEXT_SHARE = 0.5
-# The testbed's student recipe (cold start on strategy 0, stop at the first validation evaluation >= 15% on bare
-# prompts), spelled out so that the cache key does not move when the testbed's defaults do.
-CONTEXT_STUDENT_SFT = {"steps": 3000, "batch_size": 64, "learning_rate": 3e-3, "warmup_steps": 50, "eval_every": 20,
-                       "target_accuracy": 0.15, "strategy": 0}
+from trl_opd.testbed.context import CONTEXT_TEMPLATE as TEMPLATE  # noqa: E402
+from trl_opd.testbed.context import with_context  # noqa: E402
 
 METHOD_CONFIGS = {
     "opd": {"divergence": "reverse_kl"},
@@ -103,55 +99,15 @@ def training_args(output_dir: str, seed: int, steps: int) -> dict:
     )
 
 
-def with_context(problem: dict) -> dict:
-    """The problem with its worked solution shown through TEMPLATE (what the OPSD teacher sees)."""
-    from trl_opd.trainers.self_distillation import render_teacher_prompt
-
-    return {**problem, "prompt": render_teacher_prompt(TEMPLATE, problem["prompt"], problem["solution"])}
-
-
-def _mixed_context(problem: dict) -> dict:
-    from trl_opd.testbed.task import derive_seed
-
-    shown = derive_seed("context", problem["prompt"]) % 1000 < CONTEXT_SHARE * 1000
-    return with_context(problem) if shown else problem
-
-
-def context_student(task, seed: int) -> str:
-    """Directory of the context-literate student (built on first use, then cached next to the testbed's models)."""
-    from dataclasses import asdict
-
-    from trl_opd.testbed.models import ModelSpec, config_from_spec, tiny_model
-    from trl_opd.testbed.task import derive_seed, task_stream, validation_problems
-    from trl_opd.testbed.tokenizers import task_tokenizer
-    from trl_opd.testbed.training import default_cache_dir, sft
-
-    spec = ModelSpec.for_role("student")
-    key = derive_seed("context-student", TEMPLATE, CONTEXT_SHARE, asdict(task), asdict(spec), CONTEXT_STUDENT_SFT, seed)
-    path = default_cache_dir() / f"bench-context-student-{key:016x}"
-    if (path / "config.json").exists():
-        return str(path)
-    tokenizer = task_tokenizer(spec.tokenizer, task)
-    model = tiny_model(tokenizer, config_from_spec(spec, tokenizer), seed=seed)
-    recipe = dict(CONTEXT_STUDENT_SFT)
-    stream = task_stream(task, seed=seed, strategy=recipe.pop("strategy")).map(_mixed_context)
-    result = sft(model, tokenizer, stream, eval_problems=validation_problems(task), seed=seed, show_progress=False,
-                 **recipe)
-    staging = path.with_name(path.name + f".tmp{os.getpid()}")
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "sft.json").write_text(json.dumps({"steps": result.steps, "evaluations": result.evaluations}))
-    os.replace(staging, path)
-    return str(path)
-
-
 def checkpoints(setting: str, testbed_seed: int, with_context_student: bool) -> dict:
     from trl_opd import testbed
 
     prepared = testbed.prepare(setting, seed=testbed_seed, show_progress=False)
     if not with_context_student:
         return prepared
-    return {**prepared, "context_student": context_student(prepared["task"], testbed_seed)}
+    from trl_opd.testbed.context import context_literate_student
+
+    return {**prepared, "context_student": context_literate_student(prepared["task"], testbed_seed)}
 
 
 def run_one(job: dict) -> dict:

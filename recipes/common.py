@@ -24,8 +24,13 @@ class RecipeArguments(ScriptArguments):
         task's generator, and the held-out accuracy is reported before and after training. `model_name_or_path`,
         `teacher_model_name_or_path` and `dataset_name` are then ignored.
     testbed_seed: seed of the testbed's teacher and student (not of training; that is `seed`).
+    testbed_student: "default" (the setting's cached student) or "context_literate" (a student that can read a
+        worked solution in its prompt: the starting point of the self-distillation recipes OPSD, PW-OPSD and
+        EDGE-OPD, whose teacher is the student reading `trl_opd.testbed.context.CONTEXT_TEMPLATE`).
     testbed_train_size: number of training prompts drawn from the task generator.
     testbed_eval_size: number of held-out problems used for the accuracy report (at most 300).
+    dry_run: parse and validate the YAML and the command line (every config's own checks run), print the
+        resolved arguments and exit before loading any model or dataset.
     """
 
     dataset_name: str | None = field(default=None, metadata={"help": "HF dataset name or local data file."})
@@ -33,8 +38,14 @@ class RecipeArguments(ScriptArguments):
         default=None, metadata={"help": "Offline toy setting: main | multistrategy | multistrategy_bpe_teacher."}
     )
     testbed_seed: int = field(default=0, metadata={"help": "Seed of the toy teacher and student."})
+    testbed_student: str = field(
+        default="default", metadata={"help": "Toy student: default | context_literate (self-distillation recipes)."}
+    )
     testbed_train_size: int = field(default=20000, metadata={"help": "Toy training prompts."})
     testbed_eval_size: int = field(default=300, metadata={"help": "Toy held-out problems for the report."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "Validate the config, print it and exit before loading anything."}
+    )
 
 
 def parse_recipe_args(config_class, *extra_classes):
@@ -48,7 +59,25 @@ def parse_recipe_args(config_class, *extra_classes):
     recipe = parsed[0]
     if recipe.testbed is None and recipe.dataset_name is None:
         parser.error("Set `dataset_name` (real data) or `testbed` (offline toy) in the YAML or on the command line.")
+    if recipe.testbed_student not in ("default", "context_literate"):
+        parser.error(f"testbed_student must be 'default' or 'context_literate', got {recipe.testbed_student!r}.")
+    if recipe.dry_run:
+        _print_resolved(parsed)
+        raise SystemExit(0)
     return parsed
+
+
+def _print_resolved(parsed) -> None:
+    """The arguments that differ from their declared defaults, per argument class (what `dry_run` shows)."""
+    from dataclasses import MISSING, fields
+
+    for arguments in parsed:
+        changed = {}
+        for item in fields(arguments):
+            default = item.default_factory() if item.default_factory is not MISSING else item.default
+            if item.init and getattr(arguments, item.name) != default:
+                changed[item.name] = getattr(arguments, item.name)
+        print(f"[trl_opd] {type(arguments).__name__}: {changed}", flush=True)
 
 
 @dataclass
@@ -128,7 +157,12 @@ def _toy_setup(recipe: RecipeArguments, args) -> RecipeSetup:
 
     prepared = testbed.prepare(recipe.testbed, seed=recipe.testbed_seed)
     teacher, teacher_tokenizer = load_pretrained(prepared["teacher"])  # its own tokenizer in a SimCT setting
-    student, tokenizer = load_pretrained(prepared["student"])
+    student_path = prepared["student"]
+    if recipe.testbed_student == "context_literate":
+        from trl_opd.testbed.context import context_literate_student
+
+        student_path = context_literate_student(prepared["task"], seed=recipe.testbed_seed, show_progress=True)
+    student, tokenizer = load_pretrained(student_path)
     student.train()
     data = testbed.make_dataset(recipe.testbed_train_size, prepared["task"], seed=args.seed)
     eval_problems = testbed.heldout_problems(prepared["task"])[: recipe.testbed_eval_size]
