@@ -38,6 +38,7 @@ from trl.trainer.utils import create_model_from_path, pad
 from ..diagnostics import OverlapAccumulator
 from ..losses import (
     chunked_token_divergence,
+    entropy_from_logits,
     fused_divergence_loss,
     per_token_divergence,
     sampled_token_kl,
@@ -948,9 +949,8 @@ class _OPDTrainerCore(DistillationTrainer):
         pieces = []
         for start in range(0, student_hidden.shape[0], self.args.loss_chunk_size):
             logits = head_logits(student_hidden[start : start + self.args.loss_chunk_size], student_head,
-                                 self._loss_vocab_size) / self.distillation_temperature
-            log_probs = torch.log_softmax(logits, dim=-1)
-            pieces.append(-(log_probs.exp() * log_probs).sum(-1))
+                                 self._loss_vocab_size)
+            pieces.append(entropy_from_logits(logits, self.distillation_temperature))  # 0·log 0 = 0 at −inf logits
         return torch.cat(pieces) if pieces else student_hidden.new_zeros(0, dtype=torch.float32)
 
     def _sampled_token_loss(self, student_hidden, teacher_hidden, coefficients, token_ids, student_head, teacher_head):
