@@ -31,9 +31,9 @@ Task (``trl_opd.testbed.task``):
     ``strategy_pairs(num_terms)``: the ordered pairs that strategies 0, 1, ... add first.
 
 Tokenizers (``trl_opd.testbed.tokenizers``), ``PreTrainedTokenizerFast``, left padding, no BOS, ChatML template:
-    ``char_tokenizer()``: one token per character; ``bpe_tokenizer(texts, vocab_size=400, split_digits=False)``:
-    byte-level BPE (``split_digits``: every digit its own token, as in Qwen); ``task_tokenizer("char" | "bpe" |
-    "bpe_digits", cfg)``.
+    ``char_tokenizer()``: one token per character; ``bpe_tokenizer(texts, vocab_size=400, split_words=False)``:
+    byte-level BPE (``split_words``: every digit and space its own token); ``task_tokenizer("char" | "bpe" |
+    "bpe_words", cfg)``.
 
 Models (``trl_opd.testbed.models``):
     ``ModelSpec(arch="qwen3", hidden=96, layers=2, heads=4, tokenizer="char")``, ``ModelSpec.for_role("student")``

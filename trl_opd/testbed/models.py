@@ -25,8 +25,8 @@ class ModelSpec:
         hidden: hidden size (must be divisible by ``heads``); the MLP is 4x as wide.
         layers: decoder layers.
         heads: attention heads (key/value heads = heads).
-        tokenizer: "char" (one token per character), "bpe" (byte-level BPE trained on the task) or "bpe_digits"
-            (the same BPE with every digit isolated).
+        tokenizer: "char" (one token per character), "bpe" (byte-level BPE trained on the task) or "bpe_words"
+            (the same BPE with every digit and whitespace character isolated).
     """
 
     arch: str = "qwen3"
@@ -38,8 +38,8 @@ class ModelSpec:
     def __post_init__(self):
         if self.arch not in _ARCHITECTURES:
             raise ValueError(f"arch must be one of {sorted(_ARCHITECTURES)}, got {self.arch!r}.")
-        if self.tokenizer not in ("char", "bpe", "bpe_digits"):
-            raise ValueError(f"tokenizer must be 'char', 'bpe' or 'bpe_digits', got {self.tokenizer!r}.")
+        if self.tokenizer not in ("char", "bpe", "bpe_words"):
+            raise ValueError(f"tokenizer must be 'char', 'bpe' or 'bpe_words', got {self.tokenizer!r}.")
         if min(self.hidden, self.layers, self.heads) < 1:
             raise ValueError("hidden, layers and heads must all be >= 1.")
         if self.hidden % self.heads:

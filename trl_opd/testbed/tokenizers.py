@@ -63,17 +63,20 @@ def char_tokenizer(characters: str = CHARACTERS) -> PreTrainedTokenizerFast:
     return _wrap(backend, unk_token=UNK)
 
 
-def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400, split_digits: bool = False) -> PreTrainedTokenizerFast:
+def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400, split_words: bool = False) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style pre-tokenisation) trained on ``texts``, e.g. ``task.corpus(cfg)``.
 
     Byte-level: any text encodes without ``<unk>``. Ids 0-3 are ``<pad>``, ``<eos>``, ``<|im_start|>``,
     ``<|im_end|>``; ``vocab_size`` counts the 256 byte tokens, the specials and the learned merges.
     Training is deterministic for the same texts.
 
-    ``split_digits=True`` isolates every digit before the byte-level split (as Qwen's and Mistral's tokenizers do),
-    so numbers are written digit by digit while words and markup (``Compute``, `` \boxed{``) are merged. A tiny
-    model learns the task's arithmetic with it as fast as with characters; with merged numbers (``"92"`` one token
-    here, ``"9"`` + ``"2"`` there) a 2-layer teacher stays far below the character-level one.
+    ``split_words=True`` isolates every digit and every whitespace character before the byte-level split, so BPE
+    merges only letters and punctuation (``Compute``, ``boxed``): numbers are written digit by digit (as Qwen's and
+    Mistral's tokenizers do) and a space is always its own token. Measured reasons (bench/results/simct_testbed.md):
+    with merged numbers (``"92"`` one token here, ``"9"`` + ``"2"`` there) a 2-layer teacher was at 6% after 500 of
+    its 1,200 steps; with spaces merged into the next piece (``"Ġ\\"``) a character-level student distilled by
+    SimCT never learns to write `` \boxed{``, because the teacher, scored on a lone ``"Ġ"``, has only ever seen a
+    digit after it.
     """
     specials = [PAD, EOS, IM_START, IM_END]
     minimum = 256 + len(specials)
@@ -81,10 +84,12 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400, split_digits: boo
         raise ValueError(f"vocab_size must exceed {minimum} (bytes + special tokens) to learn any merge.")
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if split_digits:
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-        )
+    if split_words:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Split(Regex(r"\s"), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -97,16 +102,16 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int = 400, split_digits: boo
     return _wrap(backend)
 
 
-TOKENIZER_KINDS = ("char", "bpe", "bpe_digits")
+TOKENIZER_KINDS = ("char", "bpe", "bpe_words")
 
 
 def task_tokenizer(kind: str, task_cfg=None) -> PreTrainedTokenizerFast:
-    """``"char"`` -> ``char_tokenizer()``; ``"bpe"`` -> ``bpe_tokenizer(task.corpus(task_cfg))``; ``"bpe_digits"``
-    -> the same with ``split_digits=True``."""
+    """``"char"`` -> ``char_tokenizer()``; ``"bpe"`` -> ``bpe_tokenizer(task.corpus(task_cfg))``; ``"bpe_words"``
+    -> the same with ``split_words=True``."""
     if kind == "char":
         return char_tokenizer()
-    if kind in ("bpe", "bpe_digits"):
+    if kind in ("bpe", "bpe_words"):
         from trl_opd.testbed.task import TaskConfig, corpus
 
-        return bpe_tokenizer(corpus(task_cfg or TaskConfig()), split_digits=kind == "bpe_digits")
+        return bpe_tokenizer(corpus(task_cfg or TaskConfig()), split_words=kind == "bpe_words")
     raise ValueError(f"tokenizer kind must be one of {TOKENIZER_KINDS}, got {kind!r}.")

@@ -383,14 +383,14 @@ SETTINGS = {
         TrainSpec(steps=1200, target_accuracy=0.97),
         replace(DEFAULT_TRAINING["student"], target_accuracy=0.12),
     ),
-    # "multistrategy" with a byte-level BPE teacher (digits isolated, as in Qwen's tokenizer; same size and recipe)
+    # "multistrategy" with a byte-level BPE teacher (digits and spaces isolated, words merged; same size and recipe)
     # and the same character-level student: a cross-tokenizer pair for SimCTTrainer (the student's cache entry is
-    # the one of "multistrategy"). With merged digits ("bpe") the teacher was at 6% after 500 of its 1,200 steps.
+    # the one of "multistrategy"). Why "bpe_words" and not "bpe": see `trl_opd.testbed.tokenizers.bpe_tokenizer`.
     "multistrategy_bpe_teacher": Setting(
         TaskConfig(allow_subtraction=False, num_strategies=6),
         TrainSpec(steps=1200, target_accuracy=0.97),
         replace(DEFAULT_TRAINING["student"], target_accuracy=0.12),
-        teacher_model=ModelSpec.for_role("teacher", tokenizer="bpe_digits"),
+        teacher_model=ModelSpec.for_role("teacher", tokenizer="bpe_words"),
     ),
     # Seconds, not minutes: a barely trained pair for smoke runs (the quickstart notebook in the test suite).
     # Its accuracies mean nothing; it only exercises the code paths.
