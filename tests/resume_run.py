@@ -5,8 +5,9 @@ a ForesightCallback; SimCTTrainer; RLADTrainer):
 
 1. a forked child trains with a checkpoint every 2 steps and is killed with SIGKILL during step 3, after
    checkpoint-2 is complete (its `trainer_state.json`, written last, exists) and before checkpoint-4;
-2. the parent resumes that run with `resume_from_checkpoint=True` (the last checkpoint in `output_dir`, what a
-   user does after a crash) up to step 4;
+2. the parent adds a half-written `checkpoint-3` (what a kill during a save leaves: no `trainer_state.json`) and
+   resumes the run with `resume_from_checkpoint=True` (what a user does after a crash), which must skip it and
+   continue from checkpoint-2 up to step 4;
 3. the parent runs the same 4 steps uninterrupted.
 
 The children are forked before this process runs any torch op, so the imports (most of the cost) are paid once.
@@ -128,6 +129,10 @@ def main(result_path: str) -> None:
     for kind in KINDS:
         killed_dir = root / kind / "killed"
         checkpoints = sorted(path.name for path in killed_dir.glob("checkpoint-*"))
+        # A kill while saving leaves a checkpoint without its trainer_state.json (written last): resume must skip it.
+        half_written = killed_dir / "checkpoint-3"
+        half_written.mkdir()
+        (half_written / "model.safetensors").write_bytes(b"truncated")
         resumed = build(kind, killed_dir)
         resumed.train(resume_from_checkpoint=True)
         full = build(kind, root / kind / "full")

@@ -2,7 +2,8 @@
 losses as an uninterrupted run (CPU, fixed seed), for OPDTrainer (TIP entropy sampling, the lmbda coin, an OPRD
 projector onto a wider teacher, ForesightCallback), SimCTTrainer and RLADTrainer.
 
-One subprocess (`tests/resume_run.py`) does every run: it forks the killed children before any torch work, so the
+Before resuming, a half-written `checkpoint-3` (no `trainer_state.json`, what a kill during a save leaves) is planted:
+`resume_from_checkpoint=True` must skip it. One subprocess (`tests/resume_run.py`) does every run: it forks the killed children before any torch work, so the
 imports are paid once. Tolerance: 1e-6 relative on the losses (on CPU they are in fact bit-identical), 0 on the final
 weights' difference up to 1e-6.
 

@@ -52,6 +52,7 @@ from .aligned_prompts import aligned_prompt, aligned_rows
 from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
+from .resume import resolve_resume_from_checkpoint
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
@@ -178,6 +179,11 @@ class _OPDTrainerCore(DistillationTrainer):
         self._check_diagnostics_top_k(args)
         self._check_head_devices()
         self._suppress_padded_ids()
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
 

@@ -23,6 +23,7 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 from ..anchor import make_anchor_reward
 from ..rlad import teacher_clamp_mask, trrd_anchor_logp
 from .opd_trainer import OPDTrainer
+from .resume import resolve_resume_from_checkpoint
 from .rlad_config import RLADConfig
 
 
@@ -112,6 +113,11 @@ class RLADTrainer(GRPOTrainer):
                 "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or pass "
                 "the teacher as a model id/path."
             )
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
     def _check_teacher_vocabulary(model, teacher_model, processing_class, args: RLADConfig) -> None:
