@@ -354,9 +354,12 @@ def testbed_job(job: dict) -> dict:
             save_strategy="no",
             logging_steps=25,
             disable_tqdm=True,
-            representation_layers="all",
-            representation_positions="all",
-            **TESTBED_METHODS[job["method"]],
+            **{
+                "representation_layers": "all",
+                "representation_positions": "all",
+                **TESTBED_METHODS[job["method"]],
+                **job.get("overrides", {}),
+            },
         )
         trainer = OPDTrainer(student, teacher, args=args, train_dataset=data, processing_class=tokenizer)
         start = time.perf_counter()
@@ -369,6 +372,9 @@ def testbed_job(job: dict) -> dict:
         "train_seconds": seconds,
         "first_logged": {key: logged[0].get(key) for key in ("oprd/loss", "divergence")} if logged else None,
         "last_logged": {key: logged[-1].get(key) for key in ("oprd/loss", "divergence")} if logged else None,
+        "trajectory": [
+            {key: entry.get(key) for key in ("step", "divergence", "oprd/loss", "entropy")} for entry in logged
+        ],
     }
     print(json.dumps(result), flush=True)
     return result
@@ -409,10 +415,64 @@ def testbed_report(args, results: list[dict]) -> dict:
         "steps": args.steps,
         "teacher_accuracy": teachers,
         "student_accuracy_before": student,
-        "methods": {method: TESTBED_METHODS[method] for method in args.methods},
+        "methods": {method: {**TESTBED_METHODS[method], **args.overrides} for method in args.methods},
+        "overrides": args.overrides,
+        "command": testbed_command(args),
         "summary": summary,
         "runs": results,
     }
+
+
+def testbed_command(args) -> str:
+    parts = ["python bench/bench_oprd.py testbed", f"--setting {args.setting}", f"--steps {args.steps}",
+             "--seeds " + " ".join(map(str, args.seeds)), "--teachers " + " ".join(args.teachers),
+             "--methods " + " ".join(args.methods), f"--workers {args.workers}"]
+    parts += [f"--override {key}={value}" for key, value in args.overrides.items()]
+    return " ".join(parts)
+
+
+def testbed_markdown(report: dict) -> str:
+    lines = [
+        f"# OPRD on the toy testbed ({report['steps']} steps)",
+        "",
+        f"Command: `{report.get('command', 'not recorded')}`  ",
+        f"Student accuracy before: {100 * report['student_accuracy_before']:.1f}%; teachers: "
+        + ", ".join(f"{name} {100 * value:.1f}%" for name, value in report["teacher_accuracy"].items()),
+        "",
+        report["what"],
+        "",
+        "| teacher/method | config | accuracy per seed (%) | mean ± sd (%) | gap recovered |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in report["summary"].items():
+        method = name.split("/", 1)[1]
+        config = ", ".join(f"{key}={value}" for key, value in report["methods"][method].items())
+        seeds = ", ".join(f"{100 * value:.1f}" for value in row["accuracy_per_seed"])
+        lines.append(f"| {name} | {config} | {seeds} | {100 * row['mean']:.1f} ± {100 * row['sd']:.1f} "
+                     f"| {row['gap_recovered']:.2f} |")
+    lines += ["", "First and last logged training metrics per run (divergence = OPD reverse KL, oprd/loss = L_OPRD):",
+              "", "| teacher/method | seed | divergence first → last | oprd/loss first → last |", "|---|---|---|---|"]
+    for run in report["runs"]:
+        first, last = run.get("first_logged") or {}, run.get("last_logged") or {}
+
+        def arrow(key, first=first, last=last):
+            if first.get(key) is None:
+                return "–"
+            return f"{first[key]:.3f} → {last[key]:.3f}"
+
+        lines.append(f"| {run['teacher']}/{run['method']} | {run['seed']} | {arrow('divergence')} "
+                     f"| {arrow('oprd/loss')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    if not key or not value:
+        raise argparse.ArgumentTypeError(f"--override wants KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def run_testbed(args) -> None:
@@ -424,7 +484,8 @@ def run_testbed(args) -> None:
     if "same_backbone" in args.teachers:
         same_backbone_teacher(args.setting)
     jobs = [
-        {"teacher": t, "method": m, "seed": s, "setting": args.setting, "steps": args.steps}
+        {"teacher": t, "method": m, "seed": s, "setting": args.setting, "steps": args.steps,
+         "overrides": args.overrides}
         for s in args.seeds
         for t in args.teachers
         for m in args.methods
@@ -434,6 +495,7 @@ def run_testbed(args) -> None:
     report = testbed_report(args, results)
     output = args.output or RESULTS / f"oprd_testbed_{args.setting}.json"
     output.write_text(json.dumps(report, indent=2) + "\n")
+    output.with_suffix(".md").write_text(testbed_markdown(report))
     for method, row in report["summary"].items():
         print(
             f"{method}: {100 * row['mean']:.1f} ± {100 * row['sd']:.1f}% (gap recovered {row['gap_recovered']:.2f})"
@@ -623,9 +685,15 @@ def main() -> None:
     toy.add_argument(
         "--teachers", nargs="+", default=["wider", "same_backbone"], choices=["wider", "same_backbone"]
     )
-    toy.add_argument("--workers", type=int, default=2)
+    toy.add_argument("--workers", type=int, default=2, help="parallel runs (1: sequential)")
+    toy.add_argument(
+        "--override", type=_override, action="append", default=[], metavar="KEY=VALUE",
+        help="OPDConfig field for every run, e.g. --override representation_weight=0.1 (repeatable)",
+    )
     toy.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.command == "testbed":
+        args.overrides = dict(args.override)
     run_efficiency(args) if args.command == "efficiency" else run_testbed(args)
 
 
