@@ -19,11 +19,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-import trl.trainer.distillation_trainer as distillation_module
 from tiny import cpu_args, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
 from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig, SimCTTrainer
 from trl_opd.callbacks import ForesightCallback
-from trl_opd.trainers import opd_trainer as opd_module
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "reliability.md"
@@ -400,20 +398,10 @@ def _(tmp_path, model_dirs):
 # ---------------------------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture
-def refuse_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(distillation_module, "create_model_from_path", refuse)
-    monkeypatch.setattr(opd_module, "create_model_from_path", refuse)
-    monkeypatch.setattr("trl.trainer.grpo_trainer.create_model_from_path", refuse)
-
-
 @pytest.mark.parametrize("entry", CATALOGUE, ids=[entry.id for entry in CATALOGUE])
 def test_bad_input(entry, tmp_path, model_dirs, request):
     if not entry.loads_models:
-        request.getfixturevalue("refuse_loading")
+        request.getfixturevalue("no_model_loading")  # conftest.py
     entry.check(tmp_path, model_dirs)
 
 

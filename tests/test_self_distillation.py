@@ -11,7 +11,6 @@ import pytest
 import torch
 from datasets import Dataset
 
-from test_bad_input import no_model_loading  # noqa: F401  (fixture: fails if a model is loaded)
 from test_opd_trainer import student, tokenizer  # noqa: F401  (module fixtures: the tiny tokenizer and student)
 from tiny import cpu_args, prompt_dataset, save_tiny
 from trl_opd import OPDConfig, OPDTrainer
