@@ -1,9 +1,11 @@
 r"""Cross-tokenizer on-policy distillation on the testbed: SimCT vs ULD, held-out accuracy over seeds.
 
 Setting `multistrategy_bpe_teacher` (trl_opd.testbed): the multi-strategy task ("Compute a+b+c.", six valid orders
-of the additions); the teacher (2 layers, width 96) was trained with a byte-level BPE tokenizer (400 pieces,
-"122" is one token), the student (2 layers, width 64, cold-started on one strategy) is the character-level
-student of the `multistrategy` setting. The two models share no token ids: only SimCTTrainer can distil here.
+of the additions); the teacher (2 layers, width 96) was trained with a byte-level BPE tokenizer (`bpe_words`: 270
+pieces, digits and spaces single tokens, words merged, " \boxed{" is Ġ \ boxed {), the student (2 layers, width 64,
+cold-started on one strategy) is the character-level student of the `multistrategy` setting. The two models share
+no token ids: only SimCTTrainer can distil here. The shared vocabulary is matched on decoded text
+(`shared_vocabulary_mode="decoded"`): the character tokenizer writes " " where the byte-level BPE writes Ġ.
 
 Methods (same prompts, steps, batch 32, lr 1e-3 constant, T = 1, completions of at most 40 student tokens; the
 distillation seed varies, the checkpoints are fixed, as testbed.md recommends for method comparisons):
@@ -35,6 +37,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 STEM = RESULTS / "simct_testbed"
 SETTING = "multistrategy_bpe_teacher"
 METHODS = ("simct", "simple", "uld")
+SHARED_VOCABULARY_MODE = "decoded"
 
 
 def training_args(output_dir: str, seed: int, steps: int) -> dict:
@@ -75,7 +78,8 @@ def run_one(job: dict) -> dict:
     data = testbed.make_dataset(job["steps"] * 32, paths["task"], seed=job["seed"])
     with tempfile.TemporaryDirectory() as output_dir:
         args = SimCTConfig(
-            **training_args(output_dir, job["seed"], job["steps"]), cross_tokenizer_loss=job["method"]
+            **training_args(output_dir, job["seed"], job["steps"]), cross_tokenizer_loss=job["method"],
+            shared_vocabulary_mode=SHARED_VOCABULARY_MODE,
         )
         trainer = SimCTTrainer(
             student, teacher, args=args, train_dataset=data, processing_class=tokenizer,
@@ -138,6 +142,24 @@ def summarise(results: list[dict], baseline: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+FINDINGS = """\
+How this pair was chosen (measured while building it, seed 0):
+
+* A teacher with the plain byte-level BPE (`bpe`: numbers merged, "92" one token in one place and "9" + "2" in
+  another) learns the arithmetic far more slowly: 6.3% validation accuracy after 500 of its 1,200 steps, where the
+  character-level teacher is at 90%. Isolating digits (as Qwen's and Mistral's tokenizers do) fixes that: 96.3%.
+* With digits isolated but spaces still merged into the next piece (" \\boxed" = `Ġ\\` `boxed`, while before a
+  digit the space is a lone `Ġ`; `shared_vocabulary_mode="raw"`), SimCT and ULD both drove the student to **0%**
+  within 200 steps (seed 0): it
+  stopped writing ` \\boxed{` and chained further additions until the length limit. The 1:1 anchor " " ↔ `Ġ`
+  scores the teacher on a lone `Ġ`, after which it has only ever seen a digit; so after every ". " the teacher
+  says "digit", and the decision to box the answer, which the teacher makes at the space (`Ġ` vs `Ġ\\`), never
+  reaches the student. This is a limit of any alignment that pairs tokens at shared text boundaries (SimCT's anchors
+  and GOLD's groups alike) when one tokenizer merges a prefix that the other writes alone. The `bpe_words`
+  tokenizer isolates spaces too, so both sides make that decision at the same place.
+"""
+
+
 def write_report(record: dict) -> str:
     baseline = record["baseline"]
     steps = sorted({r["steps"] for r in record["results"]})
@@ -156,9 +178,30 @@ def write_report(record: dict) -> str:
         + "\n".join(f"`{command}`" for command in record["commands"])
         + f"\n\nDevice: {record['hardware']}.\n\n"
         + "\n".join(tables)
+        + "\n"
+        + FINDINGS
     )
     STEM.with_suffix(".md").write_text(text)
     return text
+
+
+def save(results: list[dict], command: str, hardware: str, baseline: dict) -> dict:
+    """Merge `results` into bench/results/simct_testbed.json (a (method, seed, steps) run replaces its old one)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = STEM.with_suffix(".json")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    replaced = {(r["method"], r["seed"], r["steps"]) for r in results}
+    kept = [r for r in previous.get("results", []) if (r["method"], r["seed"], r["steps"]) not in replaced]
+    record = {
+        "commands": sorted(set(previous.get("commands", [])) | {command}),
+        "hardware": hardware,
+        "setting": SETTING,
+        "baseline": baseline,
+        "results": sorted(kept + results, key=lambda r: (r["steps"], r["method"], r["seed"])),
+    }
+    path.write_text(json.dumps(record, indent=2))
+    write_report(record)
+    return record
 
 
 def main(argv=None) -> int:
@@ -181,28 +224,19 @@ def main(argv=None) -> int:
         for seed in options.seeds
         for method in options.methods
     ]
-    if options.workers == 1:
-        results = [run_one(job) for job in jobs]
+    command = "python bench/" + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    hardware = (f"{os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs, torch {torch.__version__}, "
+                "1 thread, runs one after another")
+    if options.no_save:
+        for job in jobs:
+            run_one(job)
+        return 0
+    if options.workers == 1:  # each finished run is saved at once, so an interrupted call keeps what it did
+        for job in jobs:
+            record = save([run_one(job)], command, hardware, baseline)
     else:
         with ProcessPoolExecutor(options.workers) as pool:
-            results = list(pool.map(run_one, jobs))
-    if options.no_save:
-        return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = STEM.with_suffix(".json")
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    replaced = {(r["method"], r["seed"], r["steps"]) for r in results}
-    kept = [r for r in previous.get("results", []) if (r["method"], r["seed"], r["steps"]) not in replaced]
-    command = "python bench/" + " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
-    record = {
-        "commands": sorted(set(previous.get("commands", [])) | {command}),
-        "hardware": f"{os.cpu_count()}-core CPU ({platform.machine()}) shared with other jobs, torch "
-        f"{torch.__version__}, 1 thread, runs one after another",
-        "setting": SETTING,
-        "baseline": baseline,
-        "results": sorted(kept + results, key=lambda r: (r["steps"], r["method"], r["seed"])),
-    }
-    path.write_text(json.dumps(record, indent=2))
+            record = save(list(pool.map(run_one, jobs)), command, hardware, baseline)
     print(write_report(record))
     return 0
 
