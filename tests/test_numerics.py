@@ -134,3 +134,18 @@ def test_tip_scores_and_trainer_entropy_are_finite(kind):
     logits = torch.nn.functional.linear(student_hidden, student_head, bias).float()  # as the trainer: head dtype
     assert finite(entropy) and (entropy >= -1e-6).all()
     torch.testing.assert_close(entropy, entropy_from_logits(logits, 0.7), rtol=1e-3, atol=1e-5)
+
+
+def test_simct_loss_is_finite_with_entries_masked_on_both_sides():
+    from trl_opd.cross_tokenizer import simct_loss
+
+    student, teacher = logits_pair("masked")  # [3, V]: three single-token segments of one row
+    student = student.unsqueeze(0).clone().requires_grad_(True)
+    ids = torch.tensor([[MASKED, MASKED + 1, MASKED + 2]])
+    segments = torch.tensor([[0, k, k + 1, k, k + 1] for k in range(3)])
+    shared = (torch.arange(V), torch.arange(V))
+    loss = simct_loss(student, teacher.unsqueeze(0), ids, ids, segments, shared)
+    loss.sum().backward()
+    assert finite(loss, student.grad)
+    expected = per_token_divergence(student[0, :, MASKED:].detach(), teacher[:, MASKED:], divergence="reverse_kl")
+    torch.testing.assert_close(loss.detach(), expected)

@@ -49,6 +49,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .losses import _weighted_log_ratio
+
 SHARED_VOCAB_MODES = ("raw", "decoded")
 SPAN_SCORES = ("logit_mean", "logprob_mean")
 ULD_MERGES = ("observed", "bayesian")
@@ -784,7 +786,8 @@ def simct_loss(
         )
     student_log_probs = torch.log_softmax(student_rows, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher_rows.to(student_log_probs.dtype), dim=-1)
-    per_segment = (student_log_probs.exp() * (student_log_probs - teacher_log_probs)).sum(-1)
+    # 0·log 0 = 0 where a shared entry is masked (−inf) on both sides, in value and gradient.
+    per_segment = _weighted_log_ratio(student_log_probs, teacher_log_probs).sum(-1)
     return _reduce(per_segment, segments, reduction, num_items)
 
 

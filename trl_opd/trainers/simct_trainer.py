@@ -42,6 +42,7 @@ from ..cross_tokenizer import (
     token_table,
     uld_loss,
 )
+from ..losses import entropy_from_logits
 from .lm_head import head_logits, output_head
 from .opd_trainer import OPDTrainer
 from .simct_config import SimCTConfig
@@ -343,8 +344,7 @@ class SimCTTrainer(OPDTrainer):
 
     def _student_entropy(self, student_logits) -> torch.Tensor:
         """`[B, T_S]` entropy of the student's next-token distribution at the distillation temperature."""
-        log_probs = torch.log_softmax(student_logits / self.distillation_temperature, dim=-1)
-        return -(log_probs.exp() * log_probs).sum(-1)
+        return entropy_from_logits(student_logits, self.distillation_temperature)  # 0·log 0 = 0 at −inf logits
 
     def _stash_alignment_stats(self, batch: CrossTokenizedBatch, loss_sum: torch.Tensor, weights=None) -> None:
         """`simct/align_ratio`: share of student tokens inside a compared segment; `simct/segment_loss`: mean loss
