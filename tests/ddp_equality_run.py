@@ -45,9 +45,39 @@ def run(output_dir: str, per_device_train_batch_size: int) -> dict:
     }
 
 
+def on_policy_smoke(output_dir: str) -> dict:
+    """2 steps of on-policy OPDTrainer (sampling, OPRD projector, TIP soft-OR) and of SimCTTrainer under the same
+    launch: finite losses, the same on every process (the launch that checks equality pays for these too)."""
+    from trl_opd import SimCTConfig, SimCTTrainer
+    from trl_opd.testbed.models import tiny_model as char_level_model
+    from trl_opd.testbed.tokenizers import char_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    settings = cpu_args(max_steps=2, per_device_train_batch_size=2, max_completion_length=8)
+    opd = OPDTrainer(tiny_model(tokenizer, seed=0), tiny_model(tokenizer, hidden=48, layers=3, seed=1),
+                     args=OPDConfig(output_dir=output_dir + "/opd", token_selection="tip_soft_or",
+                                    representation_weight=1.0, **settings),
+                     train_dataset=prompt_dataset(), processing_class=tokenizer)
+    teacher_tokenizer = char_tokenizer()
+    simct = SimCTTrainer(tiny_model(tokenizer, seed=0),
+                         char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=1),
+                         args=SimCTConfig(output_dir=output_dir + "/simct", **settings), train_dataset=prompt_dataset(),
+                         processing_class=tokenizer, teacher_processing_class=teacher_tokenizer)
+    losses = {}
+    for name, trainer in (("opd", opd), ("simct", simct)):
+        trainer.train()
+        losses[name] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return losses
+
+
 if __name__ == "__main__":
     out = Path(sys.argv[1])
     result = run(str(out.parent / "two-processes"), per_device_train_batch_size=GLOBAL_BATCH // 2)
-    if result.pop("trainer").accelerator.is_main_process:
+    trainer = result.pop("trainer")
+    result["on_policy_losses"] = on_policy_smoke(str(out.parent / "smoke"))
+    gathered = [None] * trainer.accelerator.num_processes
+    torch.distributed.all_gather_object(gathered, result["on_policy_losses"])
+    result["on_policy_losses_per_process"] = gathered
+    if trainer.accelerator.is_main_process:
         out.write_text(json.dumps(result))
     torch.distributed.barrier()

@@ -1,4 +1,5 @@
-"""A 2-process OPDTrainer run (TIP, `weighted_mean`) equals a 1-process run of the same global batch.
+"""A 2-process OPDTrainer run (TIP, `weighted_mean`) equals a 1-process run of the same global batch; the same launch
+also runs on-policy OPDTrainer (OPRD, TIP soft-OR) and SimCTTrainer for 2 steps with finite losses.
 
 2 processes × 2 rows (`accelerate launch --multi_gpu --num_processes 2` with `use_cpu=True`: torchrun + gloo; the
 `--cpu` launcher would start a single process without MPI) against 1 process × 4 rows, dataset completions.
@@ -8,6 +9,7 @@ Tolerance: 1e-5 relative on the logged losses and 1e-6 absolute on every trained
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,3 +46,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     initial = ddp_equality_run.tiny_model(ddp_equality_run.tiny_tokenizer(), seed=0)
     moved = max((torch.tensor(one["weights"][name]) - p).abs().max().item() for name, p in initial.named_parameters())
     assert moved > 1e-4  # the runs trained: equal weights are not equal initial weights
+
+    # The same launch: on-policy OPDTrainer (sampling, OPRD, TIP soft-OR) and SimCTTrainer, 2 steps each.
+    smoke = two["on_policy_losses"]
+    assert {name: len(losses) for name, losses in smoke.items()} == {"opd": 2, "simct": 2}
+    assert all(math.isfinite(loss) for losses in smoke.values() for loss in losses)
+    assert two["on_policy_losses_per_process"][0] == two["on_policy_losses_per_process"][1]  # logged loss: global
