@@ -441,6 +441,7 @@ def testbed_markdown(report: dict) -> str:
         "",
         report["what"],
         "",
+        *([report["note"], ""] if report.get("note") else []),
         "| teacher/method | config | accuracy per seed (%) | mean ± sd (%) | gap recovered |",
         "|---|---|---|---|---|",
     ]
