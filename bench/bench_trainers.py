@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import platform
@@ -557,6 +558,7 @@ def run_pair(pair: str, opts, memory_cache: dict) -> dict:
         for handle in handles:
             handle.remove()
     del trainers, students, student, teacher
+    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     result = {"ours": ours, "theirs": theirs}
@@ -600,16 +602,16 @@ def markdown(report: dict) -> str:
         "",
         "## Ratios ours / TRL (< 1 means ours is faster or leaner; tokens/s: > 1 means ours is faster)",
         "",
-        "| pair | step time | tokens/s | generation | teacher fwd | student fwd+loss+bwd | update | "
+        "| pair | step time | tokens/s | generation | scoring | teacher fwd | student fwd+loss+bwd | update | "
         "step Δpeak mem | process peak mem |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     fmt = lambda v: "—" if v is None else f"{v:.2f}×"  # noqa: E731
     for r in report["pairs"].values():
         q, m = r["ratios_ours_over_theirs"][clock], r["ratios_ours_over_theirs"].get("memory", {})
         lines.append(
             f"| {r['ours']} / {r['theirs']} | {fmt(q['step'])} | {fmt(q['tokens_per_s'])} | {fmt(q['generation'])} | "
-            f"{fmt(q['teacher_forward'])} | {fmt(q['student_forward_backward'])} | {fmt(q['update'])} | "
+            f"{fmt(q['scoring'])} | {fmt(q['teacher_forward'])} | {fmt(q['student_forward_backward'])} | {fmt(q['update'])} | "
             f"{fmt(m.get('step_peak_gb'))} | {fmt(m.get('process_peak_gb'))} |"
         )
     lines += [
@@ -620,16 +622,17 @@ def markdown(report: dict) -> str:
         "(ours) computes its gradients inside `loss`, a chunked autograd loss (DistillationTrainer) or a full-logit "
         "loss (GKD) inside `backward`: compare `loss + backward`.",
         "",
-        "| pair | trainer | step | generation | teacher fwd | student fwd | loss | backward | loss + bwd | optimizer "
-        "| other | tokens/s | step Δpeak | process peak |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | trainer | step | generation | scoring | teacher fwd | student fwd | loss | backward | loss + bwd "
+        "| optimizer | other | tokens/s | step Δpeak | process peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for pair, r in report["pairs"].items():
         for side in ("ours", "theirs"):
             t, m = r[f"{side}_time"][clock], r.get(f"{side}_memory", {})
             mem = lambda k: f"{m[k]:.3f}" if k in m else "—"  # noqa: E731
             lines.append(
-                f"| {pair} | {r[side]} | {t['step']:.3f} | {t['generation']:.3f} | {t['teacher_forward']:.3f} | "
+                f"| {pair} | {r[side]} | {t['step']:.3f} | {t['generation']:.3f} | {t['scoring']:.3f} | "
+                f"{t['teacher_forward']:.3f} | "
                 f"{t['student_forward']:.3f} | {t['loss']:.3f} | {t['backward']:.3f} | {t['loss_backward']:.3f} | "
                 f"{t['optimizer']:.3f} | {t['other']:.3f} | {t['tokens_per_s']:.0f} | {mem('step_peak_gb')} | "
                 f"{mem('process_peak_gb')} |"
@@ -667,7 +670,12 @@ def main() -> None:
     parser.add_argument("--no-memory", dest="memory", action="store_false")
     parser.add_argument("--out", default=None, help="results name (default trainers_<device>)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--render", default=None, metavar="JSON", help="only rewrite the Markdown of a results JSON")
     opts = parser.parse_args()
+    if opts.render:
+        report = json.loads(Path(opts.render).read_text())
+        Path(opts.render).with_suffix(".md").write_text(markdown(report))
+        return
     shape = SHAPES[opts.device]
     opts.batch = opts.batch or shape["batch"]
     opts.completion = opts.completion or shape["completion"]
