@@ -591,7 +591,8 @@ def markdown(report: dict) -> str:
         f"# trl_opd trainers vs TRL's trainers ({report['device']})",
         "",
         f"`{report['command']}` on {env['device_name']}; torch {env['torch']}, trl {env['trl']}, transformers "
-        f"{env['transformers']}, {report['threads']} torch thread(s).",
+        f"{env['transformers']}, {report['threads']} torch thread(s). trl_opd: {report.get('trl_opd_code', '?')}. "
+        + report.get("code_note", ""),
         "",
         f"Shapes: {json.dumps(report['shape'])}. The two trainers of a pair alternate step by step in one process "
         f"(ours, TRL's, ours, ...): medians of {report['steps']} measured optimizer steps each, after "
