@@ -104,7 +104,10 @@ class RepresentationArguments:
             μ, the weight of the OPRD hidden-state loss: the masked mean over completion positions of the
             per-dimension squared error between student and teacher hidden states, averaged over the distilled
             layers (Eq. 6). `0.0` turns OPRD off. The paper uses 1.0 on raw states, 10 with the normalised Bridge
-            loss (the README suggests 100–1000 for normalised states).
+            loss (the README suggests 100–1000 for normalised states). In the combined mode (`logit_weight > 0`)
+            with a same-width teacher and no projector, keep μ small next to the OPD loss: on the toy testbed
+            μ = 0.01 trains like OPD while μ ≥ 0.1 collapses after ~150–250 steps
+            (`bench/results/oprd_combined_diagnosis.md`).
         logit_weight (`float`, defaults to `1.0`):
             Weight of the OPD logit loss; the total is `logit_weight · L_OPD + representation_weight · L_OPRD`.
             `0.0` is the representation-only mode of the paper's main results: only the two backbones run and the
