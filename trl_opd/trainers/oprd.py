@@ -105,7 +105,7 @@ class RepresentationArguments:
             per-dimension squared error between student and teacher hidden states, averaged over the distilled
             layers (Eq. 6). `0.0` turns OPRD off. The paper uses 1.0 on raw states, 10 with the normalised Bridge
             loss (the README suggests 100–1000 for normalised states). In the combined mode (`logit_weight > 0`)
-            with a same-width teacher and no projector, keep μ small next to the OPD loss: on the toy testbed
+            with a same-width teacher, keep μ small next to the OPD loss: on the toy testbed
             μ = 0.01 trains like OPD while μ ≥ 0.1 collapses after ~150–250 steps
             (`bench/results/oprd_combined_diagnosis.md`).
         logit_weight (`float`, defaults to `1.0`):
