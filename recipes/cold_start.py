@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, report_toy_results
+from common import RecipeArguments, load_models_and_data, parse_recipe_args, train_and_report
 
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers.aligned_prompts import aligned_prompt
@@ -99,14 +99,7 @@ def main(recipe: RecipeArguments, args: OPDConfig, model_args, cold: ColdStartAr
         processing_class=tokenizer,
         peft_config=setup.peft_config,
     )
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    if args.diagnostics_steps and trainer.accelerator.is_main_process:
-        from trl_opd.diagnostics import plot_diagnostics
-
-        plot_diagnostics(trainer.state.log_history, f"{args.output_dir}/diagnostics")
-    setup.evaluate("student after", trainer.model)
-    report_toy_results(setup, args.output_dir)
+    train_and_report(setup, trainer, args.output_dir, evaluate_before=False)  # "before" was the cold start's
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ class RecipeArguments(ScriptArguments):
     """Dataset arguments of TRL's `ScriptArguments`, plus the offline toy testbed.
 
     testbed: name of a `trl_opd.testbed` setting ("main", "multistrategy", or "multistrategy_bpe_teacher" for
-        SimCT: a BPE teacher and a character-level student). When set, the teacher and the student
+        SimCT: a BPE teacher and a character-level student; "smoke" and "smoke_bpe_teacher" are barely trained
+        pairs that build in seconds, for checking that a recipe runs). When set, the teacher and the student
         are the testbed's (trained from scratch on the first run, then cached), the training prompts come from the
         task's generator, and the held-out accuracy is reported before and after training. `model_name_or_path`,
         `teacher_model_name_or_path` and `dataset_name` are then ignored.
@@ -35,7 +36,7 @@ class RecipeArguments(ScriptArguments):
 
     dataset_name: str | None = field(default=None, metadata={"help": "HF dataset name or local data file."})
     testbed: str | None = field(
-        default=None, metadata={"help": "Offline toy setting: main | multistrategy | multistrategy_bpe_teacher."}
+        default=None, metadata={"help": "Offline toy testbed setting, e.g. multistrategy (trl_opd.testbed.SETTINGS)."}
     )
     testbed_seed: int = field(default=0, metadata={"help": "Seed of the toy teacher and student."})
     testbed_student: str = field(
@@ -189,3 +190,19 @@ def report_toy_results(setup: RecipeSetup, output_dir: str) -> dict | None:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def train_and_report(setup: RecipeSetup, trainer, output_dir: str, evaluate_before: bool = True) -> None:
+    """Evaluate (toy only), train, save the model and the trainer state (its log history), plot the OPD
+    diagnostics when `diagnostics_steps` is on, evaluate again and report teacher / before / after."""
+    if evaluate_before:
+        setup.evaluate("student before", trainer.model)
+    trainer.train()
+    trainer.save_model(output_dir)
+    trainer.save_state()  # trainer_state.json: the logged losses and metrics of the run
+    if getattr(trainer.args, "diagnostics_steps", 0) and trainer.accelerator.is_main_process:
+        from trl_opd.diagnostics import plot_diagnostics
+
+        plot_diagnostics(trainer.state.log_history, f"{output_dir}/diagnostics")
+    setup.evaluate("student after", trainer.model)
+    report_toy_results(setup, output_dir)

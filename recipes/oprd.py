@@ -22,26 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, report_toy_results  # noqa: E402
-from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
+from common import parse_recipe_args  # noqa: E402
+from opd import main  # noqa: E402  (OPRD is OPD with representation_weight > 0: the YAML does the rest)
+from trl_opd import OPDConfig  # noqa: E402
 
-
-def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)
-    trainer = OPDTrainer(
-        model=setup.student,
-        teacher_model=setup.teacher,
-        args=args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-    )
-    setup.evaluate("student before", trainer.model)
-    trainer.train()  # with projector=bridge and no bridge_path, Stage 1 (the bridge fit) runs first
-    trainer.save_model(args.output_dir)
-    setup.evaluate("student after", trainer.model)
-    report_toy_results(setup, args.output_dir)
-
+# With projector=bridge and no bridge_path, `trainer.train()` first fits the bridge (Stage 1) on the student's rollouts.
 
 if __name__ == "__main__":
     main(*parse_recipe_args(OPDConfig))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, report_toy_results  # noqa: E402
+from common import RecipeArguments, load_models_and_data, parse_recipe_args, train_and_report  # noqa: E402
 from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
 
 # The student's message in every OPSD version (methods.md §2.3).
@@ -48,11 +48,7 @@ def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:
         processing_class=setup.tokenizer,
         peft_config=setup.peft_config,
     )
-    setup.evaluate("student before", trainer.model)
-    trainer.train()
-    trainer.save_model(args.output_dir)
-    setup.evaluate("student after", trainer.model)
-    report_toy_results(setup, args.output_dir)
+    train_and_report(setup, trainer, args.output_dir)
 
 
 if __name__ == "__main__":

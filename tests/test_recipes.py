@@ -8,8 +8,11 @@ tests read the script from there, so the header stays true.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,12 +82,25 @@ TOY_RUNS = {
     "rlad": ["--num_generations", "4", "--max_completion_length", "16"],
     "cold_start": ["--cold_start_num_prompts", "8", "--cold_start_generation_batch_size", "8",
                    "--cold_start_require_correct", "false"],
+    "simct": ["--testbed", "smoke_bpe_teacher"],  # a BPE teacher and the character-level student
 }
 
 
 @pytest.fixture(scope="module")
 def smoke_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("testbed-cache")
+    """The smoke testbed pairs, built once for the module (seconds)."""
+    from trl_opd.testbed import prepare
+
+    cache = tmp_path_factory.mktemp("testbed-cache")
+    for setting in ("smoke", "smoke_bpe_teacher"):
+        prepare(setting, cache_dir=cache, show_progress=False)
+    return cache
+
+
+def assert_finite_losses(output_dir: Path) -> None:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
 
 
 @pytest.mark.parametrize("name", sorted(TOY_RUNS))
@@ -96,3 +112,19 @@ def test_toy_recipe_trains_and_reports(name, tmp_path, smoke_cache, monkeypatch)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert {"teacher", "student before", "student after"} <= results.keys()
     assert all(0.0 <= results[key] <= 1.0 for key in ("teacher", "student before", "student after"))
+    assert_finite_losses(tmp_path / "out")
+
+
+def test_toy_recipes_on_two_cpu_processes(tmp_path, smoke_cache):
+    """The OPDTrainer (TIP) and SimCTTrainer toy recipes under `accelerate launch --multi_gpu --num_processes 2`
+    (use_cpu: gloo; `--cpu --num_processes 2` would start one process without MPI). RLAD's recipe has its own
+    2-process test in test_rlad_trainer.py."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_OPD_CACHE": str(smoke_cache), "ACCELERATE_USE_CPU": "true"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               str(Path(__file__).with_name("recipes_2proc_run.py")), str(tmp_path), "tip", "simct"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("tip", "simct"):
+        assert_finite_losses(tmp_path / name)
+        assert json.loads((tmp_path / name / "results.json").read_text())["student after"] >= 0.0

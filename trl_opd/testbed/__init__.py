@@ -52,7 +52,7 @@ Training (``trl_opd.testbed.training``):
     ``testbed.json``); cache at ``$TRL_OPD_CACHE`` or ``~/.cache/trl_opd/testbed``, keyed by
     ``cache_key(role, task, model, training, seed)``. ``read_metadata(path) -> dict`` (held-out accuracy,
     history), ``load_pretrained(path) -> (model, tokenizer)``.
-    ``SETTINGS`` {"main", "multistrategy", "multistrategy_bpe_teacher", "smoke"} -> ``Setting(task,
+    ``SETTINGS`` {"main", "multistrategy", "multistrategy_bpe_teacher", "smoke", "smoke_bpe_teacher"} -> ``Setting(task,
     teacher_training, student_training, teacher_model,
     student_model)``; ``prepare(setting="main", seed=0, cache_dir=None) -> dict(task, teacher, student)``.
 

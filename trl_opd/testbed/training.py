@@ -400,6 +400,10 @@ SETTINGS = {
         TrainSpec(steps=3, batch_size=8, warmup_steps=0, eval_every=0, target_accuracy=None, strategy=0),
     ),
 }
+# The smoke pair with a byte-level BPE teacher: a cross-tokenizer smoke run (SimCTTrainer).
+SETTINGS["smoke_bpe_teacher"] = replace(
+    SETTINGS["smoke"], teacher_model=ModelSpec.for_role("teacher", tokenizer="bpe_words")
+)
 
 
 def get_setting(name: str) -> Setting:
