@@ -13,6 +13,8 @@ distillation seed varies, the checkpoints are fixed, as testbed.md recommends fo
 * `simct`   SimCTTrainer, `cross_tokenizer_loss="simct"` (reverse KL over V∩ plus a span column per segment)
 * `simple`  SimCTTrainer, `cross_tokenizer_loss="simple"` (the same rows on 1:1 anchors only; SimCT's ablation)
 * `uld`     SimCTTrainer, `cross_tokenizer_loss="uld"` (ULD / TRL GOLD: sorted-probability L1 per segment)
+* `simct_cov`, `simple_cov`  the same with `simct_min_teacher_coverage=0.5` (our addition: segments whose row holds
+            less than half of the teacher's next-token probability are dropped)
 
     python bench/bench_simct_testbed.py --methods simct uld --seeds 0 1 2 --steps 200
 
@@ -36,7 +38,15 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 STEM = RESULTS / "simct_testbed"
 SETTING = "multistrategy_bpe_teacher"
-METHODS = ("simct", "simple", "uld")
+METHODS = ("simct", "simple", "uld", "simct_cov", "simple_cov")
+COVERAGE = 0.5
+METHOD_CONFIGS = {
+    "simct": {"cross_tokenizer_loss": "simct"},
+    "simple": {"cross_tokenizer_loss": "simple"},
+    "uld": {"cross_tokenizer_loss": "uld"},
+    "simct_cov": {"cross_tokenizer_loss": "simct", "simct_min_teacher_coverage": COVERAGE},
+    "simple_cov": {"cross_tokenizer_loss": "simple", "simct_min_teacher_coverage": COVERAGE},
+}
 SHARED_VOCABULARY_MODE = "decoded"
 
 
@@ -78,7 +88,7 @@ def run_one(job: dict) -> dict:
     data = testbed.make_dataset(job["steps"] * 32, paths["task"], seed=job["seed"])
     with tempfile.TemporaryDirectory() as output_dir:
         args = SimCTConfig(
-            **training_args(output_dir, job["seed"], job["steps"]), cross_tokenizer_loss=job["method"],
+            **training_args(output_dir, job["seed"], job["steps"]), **METHOD_CONFIGS[job["method"]],
             shared_vocabulary_mode=SHARED_VOCABULARY_MODE,
         )
         trainer = SimCTTrainer(

@@ -748,3 +748,22 @@ def test_segment_loss_coefficients_match_brute_force(reduction):
         torch.testing.assert_close(unweighted, torch.full((4,), 1 / sum(sizes)))
     with pytest.raises(ValueError, match="reduction"):
         segment_loss_coefficients(segments, row_tokens, reduction="sum")
+
+
+def test_segment_teacher_coverage_matches_brute_force():
+    from trl_opd.cross_tokenizer import segment_teacher_coverage
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    teacher_ids = torch.tensor([[5, 1, 6, 2], [3, 0, 0, 0]])
+    shared = torch.tensor([0, 1, 2, 3])  # 4, 5, 6 are the teacher's own pieces
+    segments = torch.tensor([[0, 0, 1, 0, 1], [0, 1, 4, 1, 2], [0, 4, 5, 2, 4], [1, 0, 1, 0, 1]])
+    got = segment_teacher_coverage(logits, teacher_ids, segments, shared, temperature=2.0)
+    probs = torch.softmax(logits / 2.0, dim=-1)
+    expected = [
+        probs[0, 0, :4].sum(),                      # 1:1 row: V∩ only (its token 5 is outside V∩, no span column)
+        probs[0, 1, :4].sum(),                      # span whose first teacher token (1) is already in V∩
+        probs[0, 2, :4].sum() + probs[0, 2, 6],     # span whose first teacher token (6) is the span column's
+        probs[1, 0, :4].sum(),
+    ]
+    torch.testing.assert_close(got, torch.stack(expected).float())

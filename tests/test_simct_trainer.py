@@ -249,6 +249,23 @@ def test_token_weighting_applies_per_segment(student, teacher, tokenizer, teache
         assert 0 < sum(w > 0 for w in weights) < len(weights)
 
 
+def test_teacher_coverage_drops_the_rows_the_teacher_barely_covers(student, teacher, tokenizer, teacher_tokenizer,
+                                                                   tmp_path):
+    from trl_opd.cross_tokenizer import segment_teacher_coverage
+
+    trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, simct_min_teacher_coverage=0.5)
+    trainer.model.eval()
+    inputs = _micro_batch(tokenizer, teacher_tokenizer)
+    batch = trainer._cross_tokenize(inputs)
+    teacher_logits = trainer._completion_logits(None, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"],
+                                                batch.teacher_ids, batch.teacher_mask, teacher=True)
+    coverage = segment_teacher_coverage(teacher_logits, batch.teacher_ids, batch.segments, trainer._shared_ids[1])
+    value, _, _ = trainer._compute_loss(trainer.model, inputs, 7.0)
+    per_segment, _, _ = _reference_loss(trainer, tokenizer, teacher_tokenizer, "simct", None, "none")
+    expected = (per_segment * (coverage >= 0.5).float()).sum() / 7.0
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_weighted_training_runs_and_logs_the_selection(student, teacher, tokenizer, teacher_tokenizer, tmp_path):
     trainer = simct(student, teacher, tokenizer, teacher_tokenizer, tmp_path, token_selection="tip_soft_or",
                     token_ratio=0.5, position_weighting="increasing", loss_reduction="weighted_mean",
@@ -355,6 +372,7 @@ def test_teacher_tokenizer_loads_from_its_directory(student, teacher, tokenizer,
         ({"simct_span_score": "max"}, "simct_span_score"),
         ({"shared_vocabulary_mode": "exact"}, "shared_vocabulary_mode"),
         ({"uld_merge": "last"}, "uld_merge"),
+        ({"simct_min_teacher_coverage": 1.5}, "simct_min_teacher_coverage"),
         ({"token_selection": "tip_q3"}, "token_selection"),
         ({"token_selection": "tip_entropy_sample", "token_importance_weighting": True}, "token_importance_weighting"),
         ({"evidence_mode": "threshold"}, "evidence_mode"),

@@ -988,3 +988,30 @@ def segment_loss_coefficients(
         num_sequences = (row_tokens > 0).sum().clamp(min=1)
     num_sequences = torch.as_tensor(num_sequences, dtype=dtype, device=device)
     return w / (row_tokens[segments[:, 0]].clamp(min=1) * num_sequences)
+
+
+@torch.no_grad()
+def segment_teacher_coverage(
+    teacher_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    segments: torch.Tensor,
+    shared_teacher_ids: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Share of the teacher's next-token probability that a segment's row represents, ``[G]`` float32.
+
+    At the segment's first teacher position: the mass on the shared vocabulary V∩, plus, for a span (more than one
+    token on either side), the mass of the span's first teacher token when that token is not in V∩ (the span column
+    stands for it). A row whose coverage is small compares the student with the teacher's leftovers renormalised
+    over V∩: e.g. after ``\\`` a BPE teacher puts ~all its mass on ``boxed``, which a character-level student
+    cannot write as one token; its V∩ row is then noise.
+    """
+    rows, s0, s1, t0, t1 = segments.unbind(-1)
+    probs = torch.softmax(teacher_logits[rows, t0].float() / temperature, dim=-1)
+    covered = probs[:, shared_teacher_ids.to(probs.device)].sum(-1)
+    in_shared = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
+    in_shared[shared_teacher_ids.to(probs.device)] = True
+    first = teacher_ids[rows, t0]
+    is_span = ((s1 - s0) > 1) | ((t1 - t0) > 1)
+    extra = probs.gather(-1, first.unsqueeze(-1)).squeeze(-1) * (is_span & ~in_shared[first])
+    return (covered + extra).clamp(max=1.0)

@@ -78,6 +78,13 @@ class SimCTConfig(OPDConfig):
         uld_merge (`str`, defaults to `"observed"`):
             With `cross_tokenizer_loss="uld"`: how a multi-token segment's distribution is merged, `"observed"` (first
             position × probabilities of the later tokens) or `"bayesian"` (last position × earlier tokens).
+        simct_min_teacher_coverage (`float`, defaults to `0.0`):
+            Our addition (not in the paper): drop the segments whose row represents less than this share of the
+            teacher's next-token probability at the segment's first position (mass on V∩, plus the span's first
+            teacher token for a span row; `cross_tokenizer.segment_teacher_coverage`). Such a row compares the
+            student with the teacher's leftovers renormalised over V∩, which is noise: on the testbed, after a
+            student's stray `\\` the BPE teacher puts ~all its mass on `boxed`, outside V∩ of a character-level
+            student. `0` keeps every segment (faithful). Combines with the token weighting below (a product).
     """
 
     teacher_tokenizer_name_or_path: str | None = field(
@@ -97,6 +104,10 @@ class SimCTConfig(OPDConfig):
     uld_merge: str = field(
         default="observed", metadata={"help": "ULD segment merge: " + ", ".join(ULD_MERGES) + "."}
     )
+    simct_min_teacher_coverage: float = field(
+        default=0.0,
+        metadata={"help": "Drop segments whose row covers less of the teacher's probability (0 = keep all)."},
+    )
 
     def __post_init__(self):
         self._validate_simct_fields()
@@ -107,6 +118,11 @@ class SimCTConfig(OPDConfig):
         _require_choice("simct_span_score", self.simct_span_score, SPAN_SCORES)
         _require_choice("shared_vocabulary_mode", self.shared_vocabulary_mode, SHARED_VOCAB_MODES)
         _require_choice("uld_merge", self.uld_merge, ULD_MERGES)
+        if not 0.0 <= self.simct_min_teacher_coverage <= 1.0:
+            raise ValueError(
+                "`simct_min_teacher_coverage` must be in [0, 1] (a share of the teacher's probability), got "
+                f"{self.simct_min_teacher_coverage}."
+            )
         if self.uses_self_teacher():
             raise ValueError(
                 "teacher_model_name_or_path='self' shares the student's tokenizer; SimCTTrainer is for a teacher "

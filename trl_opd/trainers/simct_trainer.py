@@ -34,6 +34,7 @@ from ..cross_tokenizer import (
     align_texts,
     segment_loss_coefficients,
     segment_position_weights,
+    segment_teacher_coverage,
     segment_tip_mask,
     shared_vocabulary,
     simct_loss,
@@ -262,10 +263,16 @@ class SimCTTrainer(OPDTrainer):
         return simct_loss(*arguments, self._shared_ids, span_score=args.simct_span_score, **common)
 
     @torch.no_grad()
-    def _segment_weights(self, batch: CrossTokenizedBatch, per_segment, student_entropy):
-        """OPDTrainer's token weighting with one segment per token (see `SimCTConfig`): `[G]` weights or None."""
+    def _segment_weights(self, batch: CrossTokenizedBatch, per_segment, student_entropy, teacher_logits=None):
+        """OPDTrainer's token weighting with one segment per token (see `SimCTConfig`), times the teacher-coverage
+        filter: `[G]` weights or None."""
         args = self.args
         factors = []
+        if args.simct_min_teacher_coverage > 0 and teacher_logits is not None:
+            coverage = segment_teacher_coverage(
+                teacher_logits, batch.teacher_ids, batch.segments, self._shared_ids[1], self.distillation_temperature
+            )
+            factors.append((coverage >= args.simct_min_teacher_coverage).float())
         if args.token_selection != "none":
             kept = segment_tip_mask(
                 batch.segments, student_entropy, per_segment.detach(), batch.student_ids.size(0),
@@ -334,7 +341,7 @@ class SimCTTrainer(OPDTrainer):
             loss_sum = loss.detach()
         else:
             per_segment = self._per_segment_loss(student_logits, teacher_logits, batch)
-            weights = self._segment_weights(batch, per_segment, student_entropy)
+            weights = self._segment_weights(batch, per_segment, student_entropy, teacher_logits)
             coefficients = self._segment_coefficients(batch, weights, inputs, num_items_in_batch)
             loss = (coefficients.to(per_segment.dtype) * per_segment).sum().to(student_logits.dtype)
             loss_sum = per_segment.detach().sum()
