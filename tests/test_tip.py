@@ -292,6 +292,18 @@ def test_config_rejects_bad_selection_and_weighting(tmp_path, overrides, message
 
 
 def test_scoring_chunk_defaults_to_the_selected_share_of_the_loss_chunk(tmp_path):
-    args = OPDConfig(output_dir=str(tmp_path), **cpu_args(token_selection="tip_soft_or", token_ratio=0.3,
-                                                          loss_chunk_size=1000))
-    assert args.effective_token_scoring_chunk_size == 300
+    """⌈ρ·c⌉ with c the loss's chunk for all the tokens: loss_chunk_size, or TRL's vocabulary tile when smaller."""
+    from types import SimpleNamespace
+
+    from trl_opd.trainers.opd_trainer import OPDTrainer
+
+    def scoring_chunk(vocab, tokens, **overrides):
+        args = OPDConfig(output_dir=str(tmp_path), **cpu_args(token_selection="tip_soft_or", token_ratio=0.3,
+                                                              loss_chunk_size=1000, **overrides))
+        trainer = SimpleNamespace(args=args, _loss_vocab_size=vocab)
+        trainer._loss_chunk_tokens = OPDTrainer._loss_chunk_tokens.__get__(trainer)
+        return OPDTrainer._scoring_chunk_tokens(trainer, tokens, student_head=None)
+
+    assert scoring_chunk(vocab=1000, tokens=5000) == 300  # small vocabulary: the chunk is loss_chunk_size
+    assert scoring_chunk(vocab=151_936, tokens=4096) == math.ceil(0.3 * (4096 * 32768 // 151_936))
+    assert scoring_chunk(vocab=151_936, tokens=4096, token_scoring_chunk_size=77) == 77

@@ -150,8 +150,9 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             weights 1/π, an unbiased estimate of the all-token loss (use a reduction that counts all tokens, such
             as `"token_mean"`).
         token_scoring_chunk_size (`int` or `None`, defaults to `None`):
-            Tokens per chunk of the no-grad scoring pass. `None` uses ⌈ρ·`loss_chunk_size`⌉, so that the scoring
-            pass never holds more logits than the gradient pass does on its selected tokens.
+            Tokens per chunk of the no-grad scoring pass. `None` uses ⌈ρ·c⌉, with c the loss's chunk for all the
+            completion tokens (`loss_chunk_size`, capped at TRL's vocabulary-tile size for large vocabularies), so
+            that the scoring pass never holds more logits than the gradient pass does on its selected tokens.
 
         > Position weights: PW-OPSD (methods.md §4, arXiv 2605.21606)
 
@@ -299,7 +300,7 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
     )
     token_scoring_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Tokens per chunk of the no-grad TIP scoring pass; None = ceil(rho * loss_chunk_size)."},
+        metadata={"help": "Tokens per chunk of the no-grad TIP scoring pass; None = ceil(rho * the loss's chunk)."},
     )
     # position weights (PW-OPSD)
     position_weighting: str = field(
@@ -416,13 +417,6 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             )
         if not (isinstance(self.diagnostics_top_k, int) and self.diagnostics_top_k >= 1):
             raise ValueError(f"`diagnostics_top_k` must be an integer >= 1, got {self.diagnostics_top_k!r}.")
-
-    @property
-    def effective_token_scoring_chunk_size(self) -> int:
-        """Tokens per chunk of the TIP scoring pass (`token_scoring_chunk_size`, or ⌈ρ·`loss_chunk_size`⌉)."""
-        if self.token_scoring_chunk_size is not None:
-            return self.token_scoring_chunk_size
-        return max(1, math.ceil(self.token_ratio * self.loss_chunk_size))
 
     def _validate_token_selection(self) -> None:
         _require_choice("token_selection", self.token_selection, TOKEN_SELECTIONS)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import copy
 
+import math
+
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
@@ -706,7 +708,7 @@ class _OPDTrainerCore(DistillationTrainer):
         kwargs = {
             **self._head_kwargs(student_head, teacher_head),
             **self._divergence_kwargs(),
-            "chunk_size": args.effective_token_scoring_chunk_size,
+            "chunk_size": self._scoring_chunk_tokens(int(valid.sum()), student_head),
         }
         scores = score_tokens(
             student_head.scaled_hidden(student_hidden[valid]), student_head.weight,
@@ -944,6 +946,16 @@ class _OPDTrainerCore(DistillationTrainer):
         vocab = self._loss_vocab_size or student_head.weight.shape[0]
         budget = min(num_tokens, 4096) * min(vocab, 32768)
         return max(1, min(self.args.loss_chunk_size, budget // vocab))
+
+    def _scoring_chunk_tokens(self, num_tokens: int, student_head: OutputHead) -> int:
+        """Tokens per chunk of TIP's no-grad scoring pass over `num_tokens` completion tokens:
+        `token_scoring_chunk_size` if set, else ⌈ρ·c⌉ with c the chunk the loss would use on all of them
+        (`_loss_chunk_tokens`). The gradient pass then runs on ≈ρ·`num_tokens` selected rows in chunks of
+        ≈ρ·c, so neither pass holds more than ρ times the all-token loss's logits: the memory saving of the
+        selection is kept whether or not the loss is chunked (bench/results/tip_memory_cpu.md)."""
+        if self.args.token_scoring_chunk_size is not None:
+            return self.args.token_scoring_chunk_size
+        return max(1, math.ceil(self.args.token_ratio * self._loss_chunk_tokens(num_tokens, student_head)))
 
     def _analytic_loss(self, student_hidden, teacher_hidden, coefficients, student_head, teacher_head):
         """Σ c·ℓ over the rows, with ℓ the exact (or top-k) divergence; returns (loss, ℓ detached, entropy)."""
