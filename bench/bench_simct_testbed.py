@@ -1,11 +1,16 @@
 r"""Cross-tokenizer on-policy distillation on the testbed: SimCT vs ULD, held-out accuracy over seeds.
 
-Setting `multistrategy_bpe_teacher` (trl_opd.testbed): the multi-strategy task ("Compute a+b+c.", six valid orders
-of the additions); the teacher (2 layers, width 96) was trained with a byte-level BPE tokenizer (`bpe_words`: 270
-pieces, digits and spaces single tokens, words merged, " \boxed{" is Ġ \ boxed {), the student (2 layers, width 64,
-cold-started on one strategy) is the character-level student of the `multistrategy` setting. The two models share
-no token ids: only SimCTTrainer can distil here. The shared vocabulary is matched on decoded text
-(`shared_vocabulary_mode="decoded"`): the character tokenizer writes " " where the byte-level BPE writes Ġ.
+Settings (trl_opd.testbed), both on the multi-strategy task ("Compute a+b+c.", six valid orders of the additions),
+teacher 2 layers / width 96 on the uniform strategy mix, student 2 layers / width 64 cold-started on one strategy:
+
+* `multistrategy_bpe_student` (default, results in simct_testbed.json/.md): the character-level teacher of the
+  `multistrategy` setting and a student with a byte-level BPE (`bpe_words`: 270 pieces, digits and spaces single
+  tokens, words merged: " \boxed{" is Ġ \ boxed {).
+* `multistrategy_bpe_teacher` (simct_testbed_multistrategy_bpe_teacher.json/.md): the reverse, a `bpe_words` teacher
+  and the character-level student of `multistrategy`.
+
+The two models share no token ids: only SimCTTrainer can distil here. The shared vocabulary is matched on decoded
+text (`shared_vocabulary_mode="decoded"`): the character tokenizer writes " " where the byte-level BPE writes Ġ.
 
 Methods (same prompts, steps, batch 32, lr 1e-3 constant, T = 1, completions of at most 40 student tokens; the
 distillation seed varies, the checkpoints are fixed, as testbed.md recommends for method comparisons):
@@ -15,6 +20,8 @@ distillation seed varies, the checkpoints are fixed, as testbed.md recommends fo
 * `uld`     SimCTTrainer, `cross_tokenizer_loss="uld"` (ULD / TRL GOLD: sorted-probability L1 per segment)
 * `simct_cov`, `simple_cov`  the same with `simct_min_teacher_coverage=0.5` (our addition: segments whose row holds
             less than half of the teacher's next-token probability are dropped)
+* `simct_excl`, `simct_excl_cov`  SimCT with `simct_exclusive_spans=True` (our fix of the double counting: a span's
+            first tokens lose their V∩ columns in its row), without and with the coverage filter
 
     python bench/bench_simct_testbed.py --methods simct uld --seeds 0 1 2 --steps 200
 
@@ -36,9 +43,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STEM = RESULTS / "simct_testbed"
-SETTING = "multistrategy_bpe_teacher"
-METHODS = ("simct", "simple", "uld", "simct_cov", "simple_cov")
+DEFAULT_SETTING = "multistrategy_bpe_student"
+SETTINGS = ("multistrategy_bpe_student", "multistrategy_bpe_teacher")
+
+
+def stem(setting: str) -> Path:
+    return RESULTS / ("simct_testbed" if setting == DEFAULT_SETTING else f"simct_testbed_{setting}")
+METHODS = ("simct", "simple", "uld", "simct_cov", "simple_cov", "simct_excl", "simct_excl_cov")
 COVERAGE = 0.5
 METHOD_CONFIGS = {
     "simct": {"cross_tokenizer_loss": "simct"},
@@ -46,6 +57,9 @@ METHOD_CONFIGS = {
     "uld": {"cross_tokenizer_loss": "uld"},
     "simct_cov": {"cross_tokenizer_loss": "simct", "simct_min_teacher_coverage": COVERAGE},
     "simple_cov": {"cross_tokenizer_loss": "simple", "simct_min_teacher_coverage": COVERAGE},
+    "simct_excl": {"cross_tokenizer_loss": "simct", "simct_exclusive_spans": True},
+    "simct_excl_cov": {"cross_tokenizer_loss": "simct", "simct_exclusive_spans": True,
+                       "simct_min_teacher_coverage": COVERAGE},
 }
 SHARED_VOCABULARY_MODE = "decoded"
 
@@ -81,7 +95,7 @@ def run_one(job: dict) -> dict:
     from trl_opd import SimCTConfig, SimCTTrainer, testbed
     from trl_opd.testbed.training import load_pretrained
 
-    paths = testbed.prepare(SETTING, seed=job["testbed_seed"], show_progress=False)
+    paths = testbed.prepare(job["setting"], seed=job["testbed_seed"], show_progress=False)
     student, tokenizer = load_pretrained(paths["student"])
     teacher, teacher_tokenizer = load_pretrained(paths["teacher"])
     student.train()
@@ -112,12 +126,12 @@ def run_one(job: dict) -> dict:
     return result
 
 
-def baselines(testbed_seed: int) -> dict:
+def baselines(setting: str, testbed_seed: int) -> dict:
     """Held-out accuracy of the teacher and of the student before distillation, and the tokenisations."""
     from trl_opd import testbed
     from trl_opd.testbed.training import load_pretrained
 
-    paths = testbed.prepare(SETTING, seed=testbed_seed, show_progress=False)
+    paths = testbed.prepare(setting, seed=testbed_seed, show_progress=False)
     heldout = testbed.heldout_problems(paths["task"])
     scores = {}
     for name in ("teacher", "student"):
@@ -167,6 +181,17 @@ How this pair was chosen (measured while building it, seed 0):
   reaches the student. This is a limit of any alignment that pairs tokens at shared text boundaries (SimCT's anchors
   and GOLD's groups alike) when one tokenizer merges a prefix that the other writes alone. The `bpe_words`
   tokenizer isolates spaces too, so both sides make that decision at the same place.
+* With `bpe_words` (the table above) every method still ends at 0%: the student writes ` \\` and then digits or
+  more backslashes instead of `boxed{`. Per-segment inspection on the student's own samples shows sane rows
+  everywhere except inside `boxed`: (1) SimCT's span row counts the student's `b` twice (V∩ column and span
+  column, methods.md §8.4.2) and the teacher, which writes `boxed` as one token, gives a lone `b` almost no
+  probability, so the student is pushed off `b`; (2) once a sample leaves `boxed` (`\\5`, `\\b1`), the teacher is
+  scored on segmentations it never saw in training (`\\` then `b`), where its predictions are noise, and its
+  leftover mass renormalised over V∩ becomes the target. `simct_exclusive_spans` fixes (1) and
+  `simct_min_teacher_coverage` drops the rows of (2) whose teacher mass lies outside V∩, but the students still
+  collapsed in 60-step probes (seed 0): a 2-layer teacher trained on canonical tokenisations only is not robust to
+  non-canonical ones, which large pretrained teachers are. Hence the default setting puts the character-level
+  model on the teacher side: every segmentation of a text is canonical for it.
 """
 
 
@@ -178,34 +203,33 @@ def write_report(record: dict) -> str:
     ]
     text = (
         "# Cross-tokenizer OPD on the testbed: SimCT vs ULD\n\n"
-        "Setting `multistrategy_bpe_teacher`: BPE teacher "
-        f"({baseline['teacher_vocab']} tokens in its vocabulary, {baseline['teacher_tokens_example']} tokens for "
-        f"the example below), character-level student ({baseline['student_vocab']} tokens, "
-        f"{baseline['student_tokens_example']} tokens for it); example `{baseline['example']!r}`.\n\n"
+        f"Setting `{record['setting']}`: teacher vocabulary {baseline['teacher_vocab']} "
+        f"({baseline['teacher_tokens_example']} tokens for the example below), student vocabulary "
+        f"{baseline['student_vocab']} ({baseline['student_tokens_example']} tokens for it); example "
+        f"`{baseline['example']!r}`. The character-level tokenizer has 101 entries, the `bpe_words` BPE 270.\n\n"
         f"Starting points (300 held-out problems, greedy): teacher {100 * baseline['teacher']:.1f}%, student "
         f"{100 * baseline['student']:.1f}%. Batch 32, lr 1e-3 constant, T = 1, at most 40 completion tokens; the "
         "distillation seed varies, the checkpoints are fixed. sd is the sample standard deviation over seeds.\n\n"
         + "\n".join(f"`{command}`" for command in record["commands"])
         + f"\n\nDevice: {record['hardware']}.\n\n"
         + "\n".join(tables)
-        + "\n"
-        + FINDINGS
+        + ("\n" + FINDINGS if record["setting"] == "multistrategy_bpe_teacher" else "")
     )
-    STEM.with_suffix(".md").write_text(text)
+    stem(record["setting"]).with_suffix(".md").write_text(text)
     return text
 
 
-def save(results: list[dict], command: str, hardware: str, baseline: dict) -> dict:
+def save(results: list[dict], command: str, hardware: str, baseline: dict, setting: str) -> dict:
     """Merge `results` into bench/results/simct_testbed.json (a (method, seed, steps) run replaces its old one)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = STEM.with_suffix(".json")
+    path = stem(setting).with_suffix(".json")
     previous = json.loads(path.read_text()) if path.exists() else {}
     replaced = {(r["method"], r["seed"], r["steps"]) for r in results}
     kept = [r for r in previous.get("results", []) if (r["method"], r["seed"], r["steps"]) not in replaced]
     record = {
         "commands": sorted(set(previous.get("commands", [])) | {command}),
         "hardware": hardware,
-        "setting": SETTING,
+        "setting": setting,
         "baseline": baseline,
         "results": sorted(kept + results, key=lambda r: (r["steps"], r["method"], r["seed"])),
     }
@@ -216,6 +240,7 @@ def save(results: list[dict], command: str, hardware: str, baseline: dict) -> di
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default=DEFAULT_SETTING, choices=SETTINGS)
     parser.add_argument("--testbed-seed", type=int, default=0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=200)
@@ -227,10 +252,11 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    baseline = baselines(options.testbed_seed)
+    baseline = baselines(options.setting, options.testbed_seed)
     print(json.dumps(baseline), flush=True)
     jobs = [
-        dict(testbed_seed=options.testbed_seed, seed=seed, steps=options.steps, method=method)
+        dict(setting=options.setting, testbed_seed=options.testbed_seed, seed=seed, steps=options.steps,
+             method=method)
         for seed in options.seeds
         for method in options.methods
     ]
@@ -243,10 +269,10 @@ def main(argv=None) -> int:
         return 0
     if options.workers == 1:  # each finished run is saved at once, so an interrupted call keeps what it did
         for job in jobs:
-            record = save([run_one(job)], command, hardware, baseline)
+            record = save([run_one(job)], command, hardware, baseline, options.setting)
     else:
         with ProcessPoolExecutor(options.workers) as pool:
-            record = save(list(pool.map(run_one, jobs)), command, hardware, baseline)
+            record = save(list(pool.map(run_one, jobs)), command, hardware, baseline, options.setting)
     print(write_report(record))
     return 0
 

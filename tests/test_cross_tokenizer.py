@@ -767,3 +767,26 @@ def test_segment_teacher_coverage_matches_brute_force():
         probs[1, 0, :4].sum(),
     ]
     torch.testing.assert_close(got, torch.stack(expected).float())
+
+
+def test_simct_exclusive_spans_drops_the_first_tokens_columns_from_span_rows_only():
+    from trl_opd.cross_tokenizer import _simct_rows
+
+    torch.manual_seed(0)
+    student_logits = torch.randn(1, 4, 6, requires_grad=True)
+    teacher_logits = torch.randn(1, 3, 5)
+    student_ids = torch.tensor([[1, 2, 3, 0]])
+    teacher_ids = torch.tensor([[4, 2, 0]])
+    shared = (torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]))
+    segments = torch.tensor([[0, 0, 2, 0, 1], [0, 2, 3, 1, 2], [0, 3, 4, 2, 3]])  # a 2:1 span, then 1:1 rows
+    plain = simct_loss(student_logits, teacher_logits, student_ids, teacher_ids, segments, shared)
+    exclusive = simct_loss(student_logits, teacher_logits, student_ids, teacher_ids, segments, shared,
+                           exclusive_spans=True)
+    torch.testing.assert_close(exclusive[1:], plain[1:])  # 1:1 rows are untouched
+    batch, s0, s1, t0, t1 = segments.unbind(-1)
+    is_span = torch.tensor([True, False, False])
+    s_row = _simct_rows(student_logits, student_ids, batch, s0, s1, shared[0], is_span, 1.0, "logit_mean")[0]
+    t_row = _simct_rows(teacher_logits, teacher_ids, batch, t0, t1, shared[1], is_span, 1.0, "logit_mean")[0]
+    keep = torch.tensor([True, False, True, True, True])  # student's first token 1 dropped; teacher's 4 is not in V∩
+    s_log, t_log = torch.log_softmax(s_row[keep], -1), torch.log_softmax(t_row[keep], -1)
+    torch.testing.assert_close(exclusive[0], (s_log.exp() * (s_log - t_log)).sum())

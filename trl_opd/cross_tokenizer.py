@@ -723,6 +723,7 @@ def simct_loss(
     span_score: str = "logit_mean",
     reduction: str = "none",
     num_items: int | None = None,
+    exclusive_spans: bool = False,
 ) -> torch.Tensor:
     """SimCT's loss (methods.md §8.2): reverse KL between one row per segment on each side.
 
@@ -748,6 +749,12 @@ def simct_loss(
             log-softmax value of the realised tokens; the rows are then renormalised by the softmax).
         reduction: ``"none"`` → ``[G]`` per segment (for per-segment weights); ``"sum"``; ``"token_mean"`` →
             sum / ``num_items`` (the reference's N = student loss tokens; default Σ (s1 - s0)).
+        exclusive_spans: our fix of the double counting (§8.4.2), off by default (faithful). In a span row, the
+            V∩ columns of the span's first student token and of its first teacher token are removed from both
+            rows, so the span's continuation is counted once, by the span column. Without it, a span whose first
+            student token is shared (a character-level student writing ``boxed`` as ``b`` ``o`` ...) pushes that
+            token down at the span's first position: the teacher, which writes ``boxed`` as one token, gives the
+            lone ``b`` almost no probability.
 
     Returns:
         ``[G]`` or a scalar, float32 (float64 for float64 logits).
@@ -784,11 +791,33 @@ def simct_loss(
             temperature,
             span_score,
         )
+    if exclusive_spans:
+        excluded = _first_token_columns(student_ids, teacher_ids, batch, s0, t0, student_columns, teacher_columns,
+                                        student_logits.shape[-1], teacher_logits.shape[-1]) & is_span.unsqueeze(1)
+        student_rows = student_rows.masked_fill(excluded, _ABSENT_COLUMN)
+        teacher_rows = teacher_rows.masked_fill(excluded, _ABSENT_COLUMN)
     student_log_probs = torch.log_softmax(student_rows, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher_rows.to(student_log_probs.dtype), dim=-1)
     # 0·log 0 = 0 where a shared entry is masked (−inf) on both sides, in value and gradient.
     per_segment = _weighted_log_ratio(student_log_probs, teacher_log_probs).sum(-1)
     return _reduce(per_segment, segments, reduction, num_items)
+
+
+def _first_token_columns(student_ids, teacher_ids, batch, s0, t0, student_columns, teacher_columns, vocab_s,
+                         vocab_t) -> torch.Tensor:
+    """bool ``[G, K + 1]``: the V∩ columns of each segment's first student and first teacher token (the span
+    column, last, is never set)."""
+    device = student_columns.device
+    columns = len(student_columns)
+    student_index = torch.full((vocab_s,), -1, dtype=torch.long, device=device)
+    student_index[student_columns] = torch.arange(columns, device=device)
+    teacher_index = torch.full((vocab_t,), -1, dtype=torch.long, device=device)
+    teacher_index[teacher_columns] = torch.arange(columns, device=device)
+    mask = torch.zeros((len(batch), columns + 2), dtype=torch.bool, device=device)
+    rows = torch.arange(len(batch), device=device)
+    for column in (student_index[student_ids[batch, s0]], teacher_index[teacher_ids[batch, t0]]):
+        mask[rows, torch.where(column >= 0, column, columns + 1)] = True  # absent: a scratch column, dropped below
+    return mask[:, : columns + 1]
 
 
 def _merged_sorted_probs(logits, ids, batch, start, end, temperature, merge):

@@ -392,6 +392,16 @@ SETTINGS = {
         replace(DEFAULT_TRAINING["student"], target_accuracy=0.12),
         teacher_model=ModelSpec.for_role("teacher", tokenizer="bpe_words"),
     ),
+    # The reverse pair: the character-level teacher of "multistrategy" (same cache entry) and a "bpe_words" student
+    # (same size and cold start). The teacher's tokenisation of any text is canonical, so it scores every student
+    # sample in its own terms; the other direction breaks on the teacher's non-canonical segmentations
+    # (bench/results/simct_testbed_multistrategy_bpe_teacher.md).
+    "multistrategy_bpe_student": Setting(
+        TaskConfig(allow_subtraction=False, num_strategies=6),
+        TrainSpec(steps=1200, target_accuracy=0.97),
+        replace(DEFAULT_TRAINING["student"], target_accuracy=0.12),
+        student_model=ModelSpec.for_role("student", tokenizer="bpe_words"),
+    ),
     # Seconds, not minutes: a barely trained pair for smoke runs (the quickstart notebook in the test suite).
     # Its accuracies mean nothing; it only exercises the code paths.
     "smoke": Setting(

@@ -78,6 +78,10 @@ class SimCTConfig(OPDConfig):
         uld_merge (`str`, defaults to `"observed"`):
             With `cross_tokenizer_loss="uld"`: how a multi-token segment's distribution is merged, `"observed"` (first
             position × probabilities of the later tokens) or `"bayesian"` (last position × earlier tokens).
+        simct_exclusive_spans (`bool`, defaults to `False`):
+            Our fix of SimCT's double counting (methods.md §8.4.2), off by default (faithful): in a span row the V∩
+            columns of the span's first student token and first teacher token are removed on both sides, so the
+            span's continuation is counted once, by the span column (`simct_loss(exclusive_spans=True)`).
         simct_min_teacher_coverage (`float`, defaults to `0.0`):
             Our addition (not in the paper): drop the segments whose row represents less than this share of the
             teacher's next-token probability at the segment's first position (mass on V∩, plus the span's first
@@ -103,6 +107,10 @@ class SimCTConfig(OPDConfig):
     )
     uld_merge: str = field(
         default="observed", metadata={"help": "ULD segment merge: " + ", ".join(ULD_MERGES) + "."}
+    )
+    simct_exclusive_spans: bool = field(
+        default=False,
+        metadata={"help": "Count a span's continuation once (drop its first tokens' V∩ columns in span rows)."},
     )
     simct_min_teacher_coverage: float = field(
         default=0.0,

@@ -260,7 +260,10 @@ class SimCTTrainer(OPDTrainer):
         common = {"temperature": self.distillation_temperature, "reduction": "none"}
         if args.cross_tokenizer_loss == "uld":
             return uld_loss(*arguments, merge=args.uld_merge, **common)
-        return simct_loss(*arguments, self._shared_ids, span_score=args.simct_span_score, **common)
+        return simct_loss(
+            *arguments, self._shared_ids, span_score=args.simct_span_score, exclusive_spans=args.simct_exclusive_spans,
+            **common,
+        )
 
     @torch.no_grad()
     def _segment_weights(self, batch: CrossTokenizedBatch, per_segment, student_entropy, teacher_logits=None):
