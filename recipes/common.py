@@ -18,8 +18,8 @@ from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_qu
 class RecipeArguments(ScriptArguments):
     """Dataset arguments of TRL's `ScriptArguments`, plus the offline toy testbed.
 
-    testbed: name of a `trl_opd.testbed` setting ("main", "multistrategy", or "multistrategy_bpe_teacher" for
-        SimCT: a BPE teacher and a character-level student; "smoke" and "smoke_bpe_teacher" are barely trained
+    testbed: name of a `trl_opd.testbed` setting ("main", "multistrategy", or for SimCT "multistrategy_bpe_student"
+        (a character-level teacher and a BPE student) and "multistrategy_bpe_teacher" (the reverse); "smoke" and "smoke_bpe_teacher" are barely trained
         pairs that build in seconds, for checking that a recipe runs). When set, the teacher and the student
         are the testbed's (trained from scratch on the first run, then cached), the training prompts come from the
         task's generator, and the held-out accuracy is reported before and after training. `model_name_or_path`,

@@ -9,7 +9,7 @@ exactly the fields of ScriptArguments, SimCTConfig and ModelConfig:
 The paper warms the student up with SFT on the teacher's shortest correct responses first (methods.md §8.3): run
 `recipes/cold_start.py` before this recipe and point `model_name_or_path` at its output.
 
-Offline toy (a BPE teacher and a character-level student on the testbed, CPU, minutes):
+Offline toy (a character-level teacher and a BPE student on the testbed, CPU, minutes):
 
     accelerate launch --cpu recipes/simct.py --config recipes/toy/simct.yaml
 """
