@@ -7,12 +7,12 @@ the no-grad TIP scoring pass (chunked), the selection, the fused loss on the sel
 Every variant runs in a fresh subprocess; its loss-phase footprint is its peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its RSS just before `compute_loss`.
 
-The loss is chunked: at most `loss_chunk_size` tokens' logits exist at once. So the selection can only lower the
-peak when the gradient pass would otherwise hold more rows than TIP keeps, i.e. when `loss_chunk_size` is at least
-the number of tokens (one chunk, memory ∝ tokens: TIP's setting). At 4,096 tokens that all-token peak is about
-20 GB here (~33 bytes per token and vocabulary entry), more than this shared machine can give, so the one-chunk
-comparison runs at 512 and 1,024 tokens (the ratio does not depend on the token count: both sides scale
-linearly), and the 4,096-token runs use chunks of 512 and 1,024 tokens, where both sides are capped by one chunk.
+The loss is chunked: a chunk holds at most `loss_chunk_size` tokens, and at this vocabulary fewer, so that one
+chunk's logits are no more than TRL's vocabulary tile for the same batch (`OPDTrainer._loss_chunk_tokens`: about
+0.22 × the token count at 151,936 entries). TIP's scoring pass runs in chunks of ⌈ρ·c⌉ tokens, c being the
+all-token chunk, and its gradient pass holds the ≈ρ·N selected rows in chunks of about ρ·c; so both of its passes
+hold about ρ times the logits of the all-token loss, whatever the token count. Measured at the default
+`loss_chunk_size` (1,024) for 4,096, 2,048 and 1,024 completion tokens.
 
     python bench/bench_tip_memory.py          # writes bench/results/tip_memory_cpu.json and .md
 """
@@ -33,8 +33,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB = 151_936
 HIDDEN = 64
 RATIO = 0.5
-# (tokens in the batch, loss_chunk_size): 4,096 tokens in chunks, then the one-chunk regime at two sizes.
-CONFIGURATIONS = ((4096, 1024), (4096, 512), (1024, 1024), (512, 512))
+# (tokens in the batch, loss_chunk_size): the default chunk size at three token counts.
+CONFIGURATIONS = ((4096, 1024), (2048, 1024), (1024, 1024))
 
 
 def peak_rss_gb() -> float:
@@ -143,10 +143,11 @@ def child(selection: str, tokens: int, chunk_size: int) -> dict:
         "selection": selection,
         "tokens": tokens,
         "loss_chunk_size": chunk_size,
-        "scoring_chunk_size": trainer.args.effective_token_scoring_chunk_size
+        "scoring_chunk_size": trainer._scoring_chunk_tokens(tokens, trainer.model.get_output_embeddings())
         if selection != "none"
         else None,
         "rows_in_gradient_pass": rows_in_gradient_pass[0],
+        "chunk_tokens": trainer._loss_chunk_tokens(tokens, trainer.model.get_output_embeddings()),
         "loss": loss.item(),
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),
@@ -182,15 +183,15 @@ def markdown(record: dict) -> str:
         "`compute_loss` (one forward + backward, fresh process per variant); time = CPU seconds of that process (one "
         "thread; wall time on this shared machine is noise).",
         "",
-        "| tokens | loss chunk | regime | all tokens: GB / CPU s | TIP ρ=0.5: GB / CPU s (rows in gradient pass) "
+        "| tokens | loss_chunk_size | chunk used (all / TIP scoring) | all tokens: GB / CPU s "
+        "| TIP ρ=0.5: GB / CPU s (rows in gradient pass) "
         "| memory ratio | CPU time ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for pair in record["pairs"]:
         full, tip = pair["all"], pair["tip"]
-        regime = "one chunk (memory ∝ tokens)" if full["loss_chunk_size"] >= full["tokens"] else "chunked"
         lines.append(
-            f"| {full['tokens']:,} | {full['loss_chunk_size']} | {regime} | {full['loss_phase_peak_gb']:.2f} / "
+            f"| {full['tokens']:,} | {full['loss_chunk_size']} | {full['chunk_tokens']} / {tip['scoring_chunk_size']} | {full['loss_phase_peak_gb']:.2f} / "
             f"{full['cpu_seconds']:.1f} | {tip['loss_phase_peak_gb']:.2f} / {tip['cpu_seconds']:.1f} "
             f"({tip['rows_in_gradient_pass']:,} of {full['rows_in_gradient_pass']:,}) | "
             f"{pair['memory_ratio']:.2f}× | {pair['time_ratio']:.2f}× |"
@@ -222,19 +223,15 @@ def main(argv=None) -> int:
                 "time_ratio": tip["cpu_seconds"] / full["cpu_seconds"],
             }
         )
-    one_chunk = [p["memory_ratio"] for p in pairs if p["all"]["loss_chunk_size"] >= p["all"]["tokens"]]
-    chunked = [p["memory_ratio"] for p in pairs if p["all"]["loss_chunk_size"] < p["all"]["tokens"]]
+    memory = [p["memory_ratio"] for p in pairs]
     times = [p["time_ratio"] for p in pairs]
     reading = (
-        f"Reading: when the gradient pass holds all its tokens at once (one chunk), TIP at ρ = 0.5 needs "
-        f"{min(one_chunk):.2f}–{max(one_chunk):.2f}× the all-token loss-phase memory: only the selected rows enter "
-        "the LM head with gradients, and the no-grad scoring pass runs in chunks of ⌈ρ·loss_chunk_size⌉ tokens. "
-        "Both sides grow linearly with the token count in that regime, so the ratio carries over to 4,096 tokens "
-        "(where the all-token side would need ~20 GB). With a chunked loss (4,096 tokens in chunks of 512 or "
-        f"1,024) the ratio is {min(chunked):.2f}–{max(chunked):.2f}×: chunking already caps both sides at one "
-        "chunk of logits, so TIP adds no memory saving there. Compute: TIP pays a no-grad scoring pass over every "
-        "token (both LM heads, both softmaxes) and saves the gradient pass on half of them; the loss phase takes "
-        f"{min(times):.2f}–{max(times):.2f}× the all-token CPU time here."
+        f"Reading: TIP at ρ = 0.5 needs {min(memory):.2f}–{max(memory):.2f}× the all-token loss-phase memory "
+        "(target ≤ 0.55× at 4,096 tokens): only the selected rows enter the LM head with gradients, and the no-grad "
+        "scoring pass runs in chunks of ⌈ρ·c⌉ tokens, c the all-token loss's chunk. Compute: TIP pays a no-grad "
+        "scoring pass over every token (both LM heads, both softmaxes, entropy and divergence) and saves the "
+        f"gradient pass on half of them; its loss phase takes {min(times):.2f}–{max(times):.2f}× the all-token CPU "
+        "time here, so on a CPU the selection buys memory, not speed."
     )
     record = {
         "command": "python bench/bench_tip_memory.py",
