@@ -64,13 +64,13 @@ METHOD_CONFIGS = {
 SHARED_VOCABULARY_MODE = "decoded"
 
 
-def training_args(output_dir: str, seed: int, steps: int) -> dict:
+def training_args(output_dir: str, seed: int, steps: int, lr: float = 1e-3, temperature: float = 1.0) -> dict:
     """The testbed's OPD settings (testbed.md), as in recipes/toy/simct.yaml."""
     return dict(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=32,
-        learning_rate=1e-3,
+        learning_rate=lr,
         lr_scheduler_type="constant",
         warmup_steps=0,
         max_grad_norm=1.0,
@@ -82,7 +82,7 @@ def training_args(output_dir: str, seed: int, steps: int) -> dict:
         save_strategy="no",
         logging_steps=25,
         disable_tqdm=True,
-        temperature=1.0,
+        temperature=temperature,
         max_completion_length=40,
     )
 
@@ -101,10 +101,13 @@ def run_one(job: dict) -> dict:
     student.train()
     data = testbed.make_dataset(job["steps"] * 32, paths["task"], seed=job["seed"])
     with tempfile.TemporaryDirectory() as output_dir:
-        args = SimCTConfig(
-            **training_args(output_dir, job["seed"], job["steps"]), **METHOD_CONFIGS[job["method"]],
-            shared_vocabulary_mode=SHARED_VOCABULARY_MODE,
-        )
+        config = {
+            **training_args(output_dir, job["seed"], job["steps"], job.get("lr", 1e-3), job.get("temperature", 1.0)),
+            **METHOD_CONFIGS[job["method"]],
+            "shared_vocabulary_mode": SHARED_VOCABULARY_MODE,
+        }
+        config.update(job.get("overrides", {}))
+        args = SimCTConfig(**config)
         trainer = SimCTTrainer(
             student, teacher, args=args, train_dataset=data, processing_class=tokenizer,
             teacher_processing_class=teacher_tokenizer,
@@ -122,7 +125,8 @@ def run_one(job: dict) -> dict:
         "first_log": logs[0] if logs else None,
         "last_log": logs[-1] if logs else None,
     }
-    print(json.dumps({k: result[k] for k in ("method", "seed", "accuracy", "train_seconds")}), flush=True)
+    print(json.dumps({k: result.get(k) for k in ("method", "variant", "seed", "accuracy", "train_seconds")}),
+          flush=True)
     return result
 
 
@@ -216,9 +220,11 @@ Reading (seed-level numbers above; 200 steps is what the time box allowed):
 
 def write_report(record: dict) -> str:
     baseline = record["baseline"]
-    steps = sorted({r["steps"] for r in record["results"]})
+    groups = sorted({(r.get("variant", ""), r["steps"]) for r in record["results"]})
     tables = [
-        f"## {n} steps\n\n" + summarise([r for r in record["results"] if r["steps"] == n], baseline) for n in steps
+        f"## {n} steps{f', variant `{variant}`' if variant else ''}\n\n"
+        + summarise([r for r in record["results"] if r["steps"] == n and r.get("variant", "") == variant], baseline)
+        for variant, n in groups
     ]
     text = (
         "# Cross-tokenizer OPD on the testbed: SimCT vs ULD\n\n"
@@ -244,14 +250,15 @@ def save(results: list[dict], command: str, hardware: str, baseline: dict, setti
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = stem(setting).with_suffix(".json")
     previous = json.loads(path.read_text()) if path.exists() else {}
-    replaced = {(r["method"], r["seed"], r["steps"]) for r in results}
-    kept = [r for r in previous.get("results", []) if (r["method"], r["seed"], r["steps"]) not in replaced]
+    key = lambda r: (r["method"], r["seed"], r["steps"], r.get("variant", ""))  # noqa: E731
+    replaced = {key(r) for r in results}
+    kept = [r for r in previous.get("results", []) if key(r) not in replaced]
     record = {
         "commands": sorted(set(previous.get("commands", [])) | {command}),
         "hardware": hardware,
         "setting": setting,
         "baseline": baseline,
-        "results": sorted(kept + results, key=lambda r: (r["steps"], r["method"], r["seed"])),
+        "results": sorted(kept + results, key=lambda r: (r.get("variant", ""), r["steps"], r["method"], r["seed"])),
     }
     path.write_text(json.dumps(record, indent=2))
     write_report(record)
@@ -267,16 +274,42 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=["simct", "uld"], choices=METHODS)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--no-save", action="store_true", help="print the results, do not write bench/results")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate (constant schedule)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling and distillation temperature")
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="SimCTConfig overrides, e.g. simct_span_score=logprob_mean (values parsed as JSON "
+                             "when they parse, else kept as strings)")
+    parser.add_argument("--tag", default=None,
+                        help="variant label keying the results (default: built from --lr/--temperature/--set; "
+                             "empty for the defaults)")
     options = parser.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)
-    baseline = baselines(options.setting, options.testbed_seed)
+    previous = stem(options.setting).with_suffix(".json")
+    previous = json.loads(previous.read_text()) if previous.exists() else {}
+    if previous.get("baseline") and options.testbed_seed == 0:  # the checkpoints are cached: so are their scores
+        baseline = previous["baseline"]
+    else:
+        baseline = baselines(options.setting, options.testbed_seed)
     print(json.dumps(baseline), flush=True)
+    overrides = {}
+    for item in options.overrides:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[name] = value
+    variant = options.tag
+    if variant is None:
+        parts = [f"lr{options.lr:g}"] if options.lr != 1e-3 else []
+        parts += [f"T{options.temperature:g}"] if options.temperature != 1.0 else []
+        parts += [f"{k}={v}" for k, v in sorted(overrides.items())]
+        variant = " ".join(parts)
     jobs = [
         dict(setting=options.setting, testbed_seed=options.testbed_seed, seed=seed, steps=options.steps,
-             method=method)
+             method=method, lr=options.lr, temperature=options.temperature, overrides=overrides, variant=variant)
         for seed in options.seeds
         for method in options.methods
     ]

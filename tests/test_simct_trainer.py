@@ -188,6 +188,73 @@ def test_without_num_items_divides_by_the_student_tokens(student, teacher, token
     torch.testing.assert_close(by_count * count.float(), by_one)
 
 
+# ---------------------------------------------------------------- 1:1 alignment: exactly OPDTrainer
+
+
+def _mask_specials(model, ids, value=-1e4):
+    """Give the tied LM head a bias that puts (numerically) no probability on `ids`: the tokens outside V∩."""
+    head = model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight = head.weight  # stays tied to the input embeddings
+    with torch.no_grad():
+        biased.bias.zero_()
+        biased.bias[ids] = value
+    model.set_output_embeddings(biased)
+    return model
+
+
+def _renumber(model, order):
+    """The same model for a tokenizer whose id s is the original id `order[s]` (rows of the tied embeddings and
+    of the head bias permuted)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings.copy_(embeddings[order].clone())
+        bias = model.get_output_embeddings().bias
+        bias.copy_(bias[order].clone())
+    return model
+
+
+@pytest.mark.parametrize("loss", ["simct", "simple"])
+def test_renumbered_vocabulary_trains_step_for_step_like_opd(tmp_path, loss):
+    """The same character tokenizer with its characters renumbered: every segment is a 1:1 anchor and V∩ is the
+    whole vocabulary but four special tokens (given no probability here), so SimCT must be OPDTrainer's full
+    reverse KL, same loss and same update at every step (off-policy, lmbda=0, so both see the same completions)."""
+    from trl_opd import OPDConfig, OPDTrainer
+    from trl_opd.testbed.tokenizers import CHARACTERS
+
+    teacher_tokenizer = char_tokenizer()
+    renumbered = char_tokenizer(CHARACTERS[::-1])
+    order = teacher_tokenizer.convert_tokens_to_ids(renumbered.convert_ids_to_tokens(list(range(len(renumbered)))))
+    assert sorted(order) == list(range(len(renumbered))) and order != list(range(len(renumbered)))
+    student_ids, teacher_ids = shared_vocabulary(renumbered, teacher_tokenizer, mode="decoded")
+    assert [order[i] for i in student_ids.tolist()] == teacher_ids.tolist()
+    outside = sorted(set(range(len(teacher_tokenizer))) - set(teacher_ids.tolist()))
+    assert len(outside) == 4  # <pad>, <unk>, <|im_start|>, <|im_end|>: the same ids on both sides
+    teacher = _mask_specials(char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=1), outside)
+    student = _mask_specials(char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=0), outside)
+    common = cpu_args(lmbda=0.0, max_steps=3, max_completion_length=12, temperature=1.0)
+    opd = OPDTrainer(copy.deepcopy(student), copy.deepcopy(teacher),
+                     args=OPDConfig(output_dir=str(tmp_path / "opd"), **common),
+                     train_dataset=prompt_dataset(), processing_class=teacher_tokenizer)
+    simct = SimCTTrainer(_renumber(student, order), copy.deepcopy(teacher),
+                         args=SimCTConfig(output_dir=str(tmp_path / "simct"), cross_tokenizer_loss=loss,
+                                          shared_vocabulary_mode="decoded", **common),
+                         train_dataset=prompt_dataset(), processing_class=renumbered,
+                         teacher_processing_class=teacher_tokenizer)
+    opd.train()
+    simct.train()
+    opd_losses = [entry["loss"] for entry in opd.state.log_history if "loss" in entry]
+    simct_losses = [entry["loss"] for entry in simct.state.log_history if "loss" in entry]
+    assert len(opd_losses) == 3 and opd_losses[0] > 0
+    assert simct_losses == pytest.approx(opd_losses, rel=1e-4)
+    expected = _renumber(opd.model, order)  # OPD's trained student, in the renumbered ids
+    for (name, mine), theirs in zip(simct.model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6, msg=name)
+    moved = max((a - b).abs().max().item() for a, b in zip(opd.model.parameters(), student.parameters()))
+    assert moved > 1e-4
+
+
 # ---------------------------------------------------------------- OPDTrainer's token weighting, per segment
 
 
