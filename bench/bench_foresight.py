@@ -36,27 +36,10 @@ ARMS = ("opd", "opd_foresight")
 
 def opd_args(output_dir: str, seed: int, steps: int, learning_rate: float = 1e-3):
     from trl_opd import OPDConfig
+    from trl_opd.testbed import distillation_args
 
-    return OPDConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=32,
-        learning_rate=learning_rate,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=50,
-        disable_tqdm=True,
-        divergence="reverse_kl",
-        max_completion_length=40,
-        temperature=1.0,
-    )
+    return OPDConfig(**distillation_args(output_dir, seed, steps, learning_rate=learning_rate, logging_steps=50,
+                                         divergence="reverse_kl"))
 
 
 def run_arm(arm: str, options, seed: int) -> dict:

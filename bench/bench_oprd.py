@@ -329,6 +329,7 @@ def testbed_job(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from trl_opd import OPDConfig, OPDTrainer, testbed
+    from trl_opd.testbed import distillation_args
 
     prepared = testbed.prepare(job["setting"], seed=0)
     teacher_path = prepared["teacher"] if job["teacher"] == "wider" else same_backbone_teacher(job["setting"])
@@ -337,30 +338,9 @@ def testbed_job(job: dict) -> dict:
     student.train()
     data = testbed.make_dataset(job["steps"] * 32, prepared["task"], seed=job["seed"])
     with tempfile.TemporaryDirectory() as output_dir:
-        args = OPDConfig(
-            output_dir=output_dir,
-            max_steps=job["steps"],
-            per_device_train_batch_size=32,
-            learning_rate=1e-3,
-            lr_scheduler_type="constant",
-            max_grad_norm=1.0,
-            temperature=1.0,
-            max_completion_length=40,
-            seed=job["seed"],
-            use_cpu=True,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            save_strategy="no",
-            logging_steps=25,
-            disable_tqdm=True,
-            **{
-                "representation_layers": "all",
-                "representation_positions": "all",
-                **TESTBED_METHODS[job["method"]],
-                **job.get("overrides", {}),
-            },
-        )
+        method = {"representation_layers": "all", "representation_positions": "all",
+                  **TESTBED_METHODS[job["method"]], **job.get("overrides", {})}
+        args = OPDConfig(**distillation_args(output_dir, job["seed"], job["steps"], **method))
         trainer = OPDTrainer(student, teacher, args=args, train_dataset=data, processing_class=tokenizer)
         start = time.perf_counter()
         trainer.train()

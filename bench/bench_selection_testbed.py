@@ -78,25 +78,9 @@ METHOD_CONFIGS = {
 
 
 def training_args(output_dir: str, seed: int, steps: int) -> dict:
-    return dict(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=32,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=25,
-        disable_tqdm=True,
-        temperature=1.0,
-        max_completion_length=40,
-    )
+    from trl_opd.testbed import distillation_args
+
+    return distillation_args(output_dir, seed, steps)
 
 
 def checkpoints(setting: str, testbed_seed: int, with_context_student: bool) -> dict:

@@ -52,6 +52,8 @@ Training (``trl_opd.testbed.training``):
     ``testbed.json``); cache at ``$TRL_OPD_CACHE`` or ``~/.cache/trl_opd/testbed``, keyed by
     ``cache_key(role, task, model, training, seed)``. ``read_metadata(path) -> dict`` (held-out accuracy,
     history), ``load_pretrained(path) -> (model, tokenizer)``.
+    ``distillation_args(output_dir, seed, steps, **overrides) -> dict``: the testbed's OPD settings (batch 32,
+    lr 1e-3 constant, T 1, 40 completion tokens, CPU) as config keyword arguments.
     ``SETTINGS`` {"main", "multistrategy", "multistrategy_bpe_teacher", "smoke", "smoke_bpe_teacher"} -> ``Setting(task,
     teacher_training, student_training, teacher_model,
     student_model)``; ``prepare(setting="main", seed=0, cache_dir=None) -> dict(task, teacher, student)``.
@@ -87,6 +89,7 @@ from trl_opd.testbed.training import (
     build_student,
     build_teacher,
     cache_key,
+    distillation_args,
     load_pretrained,
     prepare,
     read_metadata,
@@ -107,6 +110,7 @@ __all__ = [
     "build_student",
     "build_teacher",
     "cache_key",
+    "distillation_args",
     "char_tokenizer",
     "generate_completions",
     "grade_answer",

@@ -416,6 +416,32 @@ SETTINGS["smoke_bpe_teacher"] = replace(
 )
 
 
+
+def distillation_args(output_dir: str, seed: int, steps: int, **overrides) -> dict:
+    """The testbed's distillation settings (``reference/testbed.md``; the toy YAMLs use the same): batch 32, lr 1e-3
+    constant (models trained from scratch), T = 1, at most 40 completion tokens, CPU, nothing saved or reported.
+    Keyword arguments for ``OPDConfig`` / ``SimCTConfig``; ``overrides`` replace or add fields."""
+    return {
+        "output_dir": output_dir,
+        "max_steps": steps,
+        "per_device_train_batch_size": 32,
+        "learning_rate": 1e-3,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 1.0,
+        "seed": seed,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 25,
+        "disable_tqdm": True,
+        "temperature": 1.0,
+        "max_completion_length": 40,
+        **overrides,
+    }
+
 def get_setting(name: str) -> Setting:
     if name not in SETTINGS:
         raise ValueError(f"Unknown testbed setting {name!r}; choose one of {sorted(SETTINGS)}.")
