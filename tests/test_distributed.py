@@ -10,27 +10,20 @@ Tolerance: 1e-5 relative on the logged losses and 1e-6 absolute on every trained
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 import ddp_equality_run
+from tiny import launch_two_cpu_processes
 
 SCRIPT = Path(ddp_equality_run.__file__).resolve()
 
 
 @pytest.mark.multiprocess
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_DISABLE_RICH": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
-               str(tmp_path / "result.json")]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    launch_two_cpu_processes(SCRIPT, tmp_path / "result.json")
     two = json.loads((tmp_path / "result.json").read_text())
     one = ddp_equality_run.run(str(tmp_path / "one-process"), per_device_train_batch_size=4)
     one.pop("trainer")

@@ -12,43 +12,19 @@ Each rank writes its decisions and a hash of its final weights; the test checks 
 
 import hashlib
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tiny import launch_two_cpu_processes
 
 HERE = Path(__file__).resolve()
 
 
 @pytest.mark.multiprocess
 def test_two_processes_take_the_same_decisions_and_end_with_the_same_weights(tmp_path):
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
-        "ACCELERATE_DISABLE_RICH": "1",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(HERE),
-        str(tmp_path),
-    ]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170, check=False)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    launch_two_cpu_processes(HERE, tmp_path, timeout=170)
     for mode in ("main_process", "all_processes"):
         rank0, rank1 = (json.loads((tmp_path / f"{mode}-rank{r}.json").read_text()) for r in (0, 1))
         assert rank0["world_size"] == rank1["world_size"] == 2

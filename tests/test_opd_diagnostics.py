@@ -2,9 +2,6 @@
 `tip_quadrants` computed on brute-force logits of the same batch (each row forwarded alone, no padding)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +9,7 @@ import pytest
 import torch
 
 from test_opd_trainer import student, teacher, tokenizer  # noqa: F401  (module fixtures: tiny tokenizer and models)
+from tiny import launch_two_cpu_processes
 from test_tip import batch_and_loss, completion_logits, make_trainer, reference_rows
 from trl_opd import OPDConfig
 from trl_opd.diagnostics import OVERLAP_KEYS, OverlapAccumulator, overlap_stats, plot_diagnostics
@@ -150,14 +148,7 @@ def test_two_processes_log_the_statistics_of_the_union_of_their_tokens(tmp_path)
     """Each rank scores 4 ragged rows; the logged values are Σ sums / Σ counts over both ranks, i.e. overlap_stats
     of all 8 rows, not a mean of the two per-rank values."""
     script = Path(__file__).resolve().parent / "ddp_diagnostics_run.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_DISABLE_RICH": "1",
-           "HF_HUB_OFFLINE": "1"}
-    # `--cpu --num_processes 2` starts one process without MPI; torchrun (`--multi_gpu`) + use_cpu=True gives gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-               str(tmp_path / "result.json")]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    launch_two_cpu_processes(script, tmp_path / "result.json")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_processes"] == 2
     rank0, rank1 = result["ranks"]

@@ -6,8 +6,6 @@ The DDP test launches this file as a script under `accelerate launch` (2 CPU pro
 
 import copy
 import json
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer
+from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset, tiny_model, tiny_tokenizer
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers import opd_trainer
 from trl_opd.trainers.oprd import (
@@ -531,14 +529,7 @@ def test_random_bridge_fits_the_teacher_pca_on_the_first_batch(student, teacher,
 
 @pytest.mark.multiprocess
 def test_projector_gradients_are_synchronised_across_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "ACCELERATE_DISABLE_RICH": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
-    # `--cpu --num_processes 2` starts one process unless MPI is set up; torchrun (`--multi_gpu`) with
-    # use_cpu=True gives DistributedType.MULTI_CPU over gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(HERE), str(tmp_path)]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=170)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    launch_two_cpu_processes(HERE, tmp_path, timeout=170)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
     for mode in ("representation_only", "combined"):

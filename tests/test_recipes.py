@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tiny import launch_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -119,12 +119,8 @@ def test_toy_recipes_on_two_cpu_processes(tmp_path, smoke_cache):
     """The OPDTrainer (TIP) and SimCTTrainer toy recipes under `accelerate launch --multi_gpu --num_processes 2`
     (use_cpu: gloo; `--cpu --num_processes 2` would start one process without MPI). RLAD's recipe has its own
     2-process test in test_rlad_trainer.py."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRL_OPD_CACHE": str(smoke_cache), "ACCELERATE_USE_CPU": "true"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(Path(__file__).with_name("recipes_2proc_run.py")), str(tmp_path), "tip", "simct"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_cpu_processes(Path(__file__).with_name("recipes_2proc_run.py"), tmp_path, "tip", "simct", timeout=600,
+                             cwd=tmp_path, TRL_OPD_CACHE=str(smoke_cache))
     for name in ("tip", "simct"):
         assert_finite_losses(tmp_path / name)
         assert json.loads((tmp_path / name / "results.json").read_text())["student after"] >= 0.0

@@ -6,10 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ import torch
 import yaml
 from trl import GRPOConfig, GRPOTrainer
 
-from tiny import cpu_args, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
+from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
 from trl_opd import RLADConfig, RLADTrainer
 from trl_opd.anchor import AnchorDiscriminator
 
@@ -323,12 +320,8 @@ def test_recipe_runs_on_two_cpu_processes(tokenizer, tmp_path):
                   per_device_train_batch_size=4, num_generations=4, max_completion_length=6, logging_steps=1,
                   disable_tqdm=True, use_cpu=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(REPO / "recipes" / "rlad.py"), "--config", str(tmp_path / "config.yaml")]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch_two_cpu_processes(REPO / "recipes" / "rlad.py", "--config", tmp_path / "config.yaml", cwd=tmp_path,
+                                      PYTHONPATH=str(REPO))
     logs = [json.loads(line.replace("'", '"')) for line in re.findall(r"^\{'loss'.*\}$", result.stdout, re.M)]
     assert len(logs) == 2, result.stdout[-2000:]
     for entry in logs:

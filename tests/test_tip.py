@@ -7,9 +7,6 @@ selection and weights written out with numpy in float64, then compared with what
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,7 @@ import pytest
 import torch
 
 from test_opd_trainer import student, teacher, tokenizer  # noqa: F401  (module fixtures: tiny tokenizer and models)
-from tiny import cpu_args, prompt_dataset
+from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers import opd_trainer as opd_module
 
@@ -199,13 +196,7 @@ def test_weighted_mean_normalises_by_the_tokens_selected_on_all_processes(tmp_pa
     """Two processes select different numbers of tokens; each divides by (Σ over both) / 2, so that DDP's gradient
     average is the mean over every selected token, not the mean of the two per-process means."""
     script = Path(__file__).resolve().parent / "ddp_tip_run.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "ACCELERATE_DISABLE_RICH": "1"}
-    # `--cpu --num_processes 2` starts one process without MPI; torchrun (`--multi_gpu`) + use_cpu=True gives gloo.
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-               str(tmp_path / "result.json")]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    launch_two_cpu_processes(script, tmp_path / "result.json")
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["num_processes"] == 2
     rank0, rank1 = result["records"]

@@ -94,3 +94,25 @@ def cpu_args(**overrides) -> dict:
     )
     settings.update(overrides)
     return settings
+
+
+def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, **env_overrides):
+    """Run `script arguments...` on 2 CPU processes with accelerate and return the finished process, after asserting
+    it exited 0 (the message carries the end of its output).
+
+    `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; torchrun
+    (`--multi_gpu`) with use_cpu gives DistributedType.MULTI_CPU over gloo, a real 2-process run.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "ACCELERATE_DISABLE_RICH": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "ACCELERATE_USE_CPU": "true",
+           **env_overrides}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+               *map(str, arguments)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    return finished
