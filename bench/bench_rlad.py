@@ -61,7 +61,8 @@ def recipe_settings(path: Path = ROOT / "recipes" / "toy" / "rlad.yaml") -> dict
 
 
 def method_settings(method: str, anchor_path: str | None) -> dict:
-    settings = {"rlad_alpha": 1.0 if method.startswith("grpo") else 0.5}
+    # The GRPO baseline logs its distance to the teacher too (the teacher is then scored for the logs only).
+    settings = {"rlad_alpha": 1.0 if method.startswith("grpo") else 0.5, "rlad_log_teacher_stats": True}
     if method.endswith("_aapa"):
         settings["aapa_discriminator_path"] = anchor_path
     return settings

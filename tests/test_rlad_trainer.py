@@ -66,10 +66,14 @@ def logged(trainer, key):
 # ---------------------------------------------------------------- α = 1 is GRPO, step by step
 
 
-@pytest.mark.parametrize("overrides", [{}, {"loss_type": "grpo", "gradient_accumulation_steps": 2}])
-def test_alpha_one_trains_exactly_like_grpo(student, teacher, tokenizer, tmp_path, overrides):
+@pytest.mark.parametrize(
+    "overrides, teacher_logs",
+    [({}, None), ({}, True), ({"loss_type": "grpo", "gradient_accumulation_steps": 2}, True)],
+)
+def test_alpha_one_trains_exactly_like_grpo(student, teacher, tokenizer, tmp_path, overrides, teacher_logs):
     # Each trainer seeds the RNGs in its constructor: build and train one after the other.
-    ours = rlad(student, teacher, tokenizer, tmp_path, rlad_alpha=1.0, **overrides)
+    ours = rlad(student, teacher, tokenizer, tmp_path, rlad_alpha=1.0, rlad_log_teacher_stats=teacher_logs,
+                **overrides)
     ours.train()
     reference = GRPOTrainer(
         copy.deepcopy(student), char_variety_reward, args=GRPOConfig(output_dir=str(tmp_path / "grpo"),
@@ -82,7 +86,8 @@ def test_alpha_one_trains_exactly_like_grpo(student, teacher, tokenizer, tmp_pat
     assert any(norm > 0 for norm in logged(ours, "grad_norm"))  # the run really trained
     for mine, theirs in zip(ours.model.parameters(), reference.model.parameters()):
         assert torch.equal(mine, theirs)
-    assert len(logged(ours, "rlad/teacher_log_ratio")) == 3  # the teacher is still scored for the logs
+    # At α = 1 the teacher is scored only when its statistics are asked for (then for the logs alone).
+    assert len(logged(ours, "rlad/teacher_log_ratio")) == (3 if teacher_logs else 0)
 
 
 # ---------------------------------------------------------------- the TRRD batch and loss, against brute force

@@ -51,6 +51,11 @@ class RLADConfig(GRPOConfig):
             from the early teacher–student mismatch). `inf` disables the clamp. The clamp is *straight-through*
             (methods.md §10.4 item 2): it bounds the value of the ratio and leaves its gradient, ∇ log π_θ, as in
             Eq. 3 without the clamp. This is what lets RLADTrainer run GRPO's own loss for every `loss_type`.
+        rlad_log_teacher_stats (`bool` or `None`, defaults to `None`):
+            Log `rlad/teacher_log_ratio` and `rlad/teacher_clamp_ratio`. `None`: when α < 1, where the teacher is
+            scored anyway. At α = 1 the teacher plays no part in training; `None` or `False` then skips scoring it (and
+            the behaviour policy), so plain-GRPO runs cost what `trl.GRPOTrainer` costs, and `True` scores it for the
+            logs only (a GRPO baseline that reports its distance to the teacher).
 
         > AAPA anchor reward (methods.md §11; our design, see `trl_opd.anchor`)
 
@@ -81,6 +86,10 @@ class RLADConfig(GRPOConfig):
         default=1.0,
         metadata={"help": "c > 0: clamp of the teacher log-ratio to [−c, c] (straight-through); inf = no clamp."},
     )
+    rlad_log_teacher_stats: bool | None = field(
+        default=None,
+        metadata={"help": "Log the teacher log-ratio stats; None = only when rlad_alpha < 1 (at 1 the teacher is skipped)."},
+    )
     aapa_discriminator_path: str | None = field(
         default=None, metadata={"help": "Frozen AnchorDiscriminator file; adds its score as a reward term."}
     )
@@ -90,6 +99,11 @@ class RLADConfig(GRPOConfig):
         self._validate_rlad_fields()
         super().__post_init__()
         self._warn_if_clamp_is_evaluated_late()
+
+    @property
+    def scores_teacher(self) -> bool:
+        """Whether the teacher is scored on each generation batch (for the anchor, the logs, or both)."""
+        return self.rlad_alpha < 1.0 or bool(self.rlad_log_teacher_stats)
 
     def _validate_rlad_fields(self) -> None:
         """Checks that need no model: they run at construction, before anything is loaded."""

@@ -158,6 +158,8 @@ class RLADTrainer(GRPOTrainer):
         output = super()._generate_and_score_completions(inputs)
         if "pixel_values" in output:
             raise NotImplementedError("RLADTrainer scores text completions only; multimodal prompts are not supported.")
+        if not self.args.scores_teacher:  # α = 1 without teacher logs: exactly GRPO, at GRPO's cost
+            return output
         behaviour_logps, teacher_logps = self._score_completions(output)
         output["teacher_per_token_logps"] = teacher_logps
         alpha, clamp = self.args.rlad_alpha, self.args.rlad_teacher_clamp
@@ -168,7 +170,8 @@ class RLADTrainer(GRPOTrainer):
             output["old_per_token_logps"] = trrd_anchor_logp(
                 behaviour_logps, teacher_logps, alpha=alpha, teacher_clamp=clamp
             )
-        self._log_teacher_stats(output, behaviour_logps, teacher_logps)
+        if self.args.rlad_log_teacher_stats is not False:
+            self._log_teacher_stats(output, behaviour_logps, teacher_logps)
         return output
 
     @torch.no_grad()
