@@ -23,11 +23,11 @@ def no_model_loading(monkeypatch):
     """Fails the test if any trainer loads a model: bad input must be reported before that expensive work."""
     import trl.trainer.distillation_trainer as distillation_module
 
-    from trl_opd.trainers import opd_trainer as opd_module
+    from trl_opd.trainers import teacher as teacher_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(distillation_module, "create_model_from_path", refuse)
-    monkeypatch.setattr(opd_module, "create_model_from_path", refuse)
+    monkeypatch.setattr(teacher_module, "create_model_from_path", refuse)
     monkeypatch.setattr("trl.trainer.grpo_trainer.create_model_from_path", refuse)

@@ -239,7 +239,7 @@ def no_loading(monkeypatch):
         raise AssertionError("a model was loaded before the input was validated")
 
     monkeypatch.setattr("trl.trainer.grpo_trainer.create_model_from_path", refuse)
-    monkeypatch.setattr("trl_opd.trainers.opd_trainer.create_model_from_path", refuse)
+    monkeypatch.setattr("trl_opd.trainers.teacher.create_model_from_path", refuse)
 
 
 @pytest.mark.parametrize(

@@ -30,12 +30,10 @@ import math
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 from trl import DistillationTrainer
-from trl.models import prepare_deepspeed
-from trl.models.utils import prepare_fsdp
-from trl.trainer.utils import create_model_from_path, pad
+from trl.trainer.utils import pad
 
 from ..diagnostics import OverlapAccumulator
 from ..losses import (
@@ -56,6 +54,7 @@ from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .resume import resolve_resume_from_checkpoint
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
+from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 logger = hf_logging.get_logger(__name__)
@@ -253,27 +252,14 @@ class _OPDTrainerCore(DistillationTrainer):
                     "privileged context off with use_teacher_context=False."
                 )
 
-    @staticmethod
-    def _model_config(model, args: OPDConfig, revision: str | None = None):
-        if isinstance(model, str):
-            try:
-                return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
-            except OSError as error:
-                raise ValueError(
-                    f"Could not load the model config of {model!r}: it is not a local directory with a config.json, "
-                    f"and the Hub could not provide it ({error}). Check the path or Hub id, `revision`, and "
-                    "HF_HUB_OFFLINE."
-                ) from error
-        return model.config
-
     def _shared_vocab_size(self, model, teacher_model, processing_class, args: OPDConfig) -> int | None:
         """None when both LM heads have the same width; the tokenizer's length when the heads are padded differently
         around the same tokenizer (methods.md §0.8); otherwise a ValueError that points to SimCTTrainer."""
-        student_vocab = self._model_config(model, args).get_text_config().vocab_size
-        teacher_config = self._model_config(teacher_model, args, args.teacher_model_revision)
+        student_vocab = model_config(model, args).get_text_config().vocab_size
+        teacher_config = model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
-        student_tokenizer = _text_tokenizer(processing_class or self._try_tokenizer(model, args))
-        teacher_tokenizer = _text_tokenizer(self._try_tokenizer(teacher_model, args))
+        student_tokenizer = _text_tokenizer(processing_class or try_tokenizer(model, args))
+        teacher_tokenizer = _text_tokenizer(try_tokenizer(teacher_model, args))
         if student_tokenizer is not None and teacher_tokenizer is not None:
             if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
                 raise ValueError(
@@ -307,16 +293,6 @@ class _OPDTrainerCore(DistillationTrainer):
             )
         return len(student_tokenizer)
 
-    @staticmethod
-    def _try_tokenizer(model, args: OPDConfig):
-        path = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "")
-        if not path:
-            return None
-        try:
-            return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        except (OSError, ValueError):
-            return None
-
     def _check_prompts(self, train_dataset, model, teacher_model, processing_class, args: OPDConfig) -> None:
         """Every training prompt is a non-empty string or a list of {role, content} messages, and leaves room for
         `max_completion_length` tokens in both models' context (`max_position_embeddings`). Reads the whole prompt
@@ -327,10 +303,10 @@ class _OPDTrainerCore(DistillationTrainer):
         prompts = train_dataset["prompt"]
         for index, prompt in enumerate(prompts):
             _check_prompt_form(index, prompt)
-        tokenizer = _text_tokenizer(processing_class or self._try_tokenizer(model, args))
-        configs = [self._model_config(model, args)]
+        tokenizer = _text_tokenizer(processing_class or try_tokenizer(model, args))
+        configs = [model_config(model, args)]
         if not self._self_teacher:
-            configs.append(self._model_config(teacher_model, args, args.teacher_model_revision))
+            configs.append(model_config(teacher_model, args, args.teacher_model_revision))
         limits = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs]
         limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
         if tokenizer is None or not limits or args.max_completion_length is None:
@@ -384,29 +360,13 @@ class _OPDTrainerCore(DistillationTrainer):
 
     # ------------------------------------------------------------------ teacher
 
-    def _load_teacher(self, teacher_model):
-        if not isinstance(teacher_model, str):
-            if self.args.teacher_model_init_kwargs is not None:
-                raise ValueError(
-                    "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or "
-                    "pass the teacher as a model id/path."
-                )
-            return teacher_model
-        init_kwargs = dict(self.args.teacher_model_init_kwargs or {})
-        if self.args.teacher_model_revision is not None:
-            init_kwargs.setdefault("revision", self.args.teacher_model_revision)
-        if self.args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
-            init_kwargs["device_map"] = None  # distributed training needs device_map=None
-        init_kwargs.setdefault("trust_remote_code", self.args.trust_remote_code)
-        return create_model_from_path(teacher_model, **init_kwargs)
-
     def _build_teacher(self, teacher_model):
         """The prepared teacher module; for `"self"`, a frozen copy of the student or None (PEFT: adapter disabled)."""
         if not self._self_teacher:
-            return self._prepare_teacher(self._load_teacher(teacher_model))
+            return prepare_teacher(self, load_teacher(teacher_model, self.args))
         if is_peft_model(self.model):
             return None  # `_teacher_forward_context` disables the adapter: the base weights are the initial policy
-        return self._prepare_teacher(copy.deepcopy(self.accelerator.unwrap_model(self.model)))
+        return prepare_teacher(self, copy.deepcopy(self.accelerator.unwrap_model(self.model)))
 
     def _unwrapped_teacher(self):
         if self.teacher_model is None:  # PEFT self-teacher: the student's module, adapter disabled at forward time
@@ -428,16 +388,6 @@ class _OPDTrainerCore(DistillationTrainer):
                 yield
         finally:
             student.train(was_training)
-
-    def _prepare_teacher(self, teacher):
-        teacher.eval()
-        for parameter in teacher.parameters():
-            parameter.requires_grad_(False)
-        if self.is_deepspeed_enabled:
-            return prepare_deepspeed(teacher, self.accelerator)
-        if self.is_fsdp_enabled:  # TRL leaves the teacher unsharded under FSDP (its PR #6573); we shard it
-            return prepare_fsdp(teacher, self.accelerator)
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
     # ------------------------------------------------------------------ rollouts: on/off-policy mix
 

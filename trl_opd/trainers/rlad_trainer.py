@@ -22,7 +22,7 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 
 from ..anchor import make_anchor_reward
 from ..rlad import teacher_clamp_mask, trrd_anchor_logp
-from .opd_trainer import OPDTrainer
+from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rlad_config import RLADConfig
 
@@ -91,11 +91,11 @@ class RLADTrainer(GRPOTrainer):
         )
         if anchor_reward is not None:
             self._append_reward(anchor_reward, args.aapa_weight)
-        teacher = OPDTrainer._load_teacher(self, teacher_model)  # shared with OPDTrainer: same fields, same rules
+        teacher = load_teacher(teacher_model, args)  # shared with OPDTrainer: same fields, same rules
         # The same chunked kernel and temperature as the student's log-probs, so a teacher equal to the student
         # gives log π_T = log π_old exactly.
         add_fused_lm_head(teacher, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
-        self.teacher_model = OPDTrainer._prepare_teacher(self, teacher)
+        self.teacher_model = prepare_teacher(self, teacher)
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
 
@@ -123,11 +123,11 @@ class RLADTrainer(GRPOTrainer):
     def _check_teacher_vocabulary(model, teacher_model, processing_class, args: RLADConfig) -> None:
         """The teacher must score the student's token ids: same tokenizer, and an LM head at least as wide as the
         student's (a wider, padded head is fine; a narrower one could not score every id the student samples)."""
-        student_vocab = OPDTrainer._model_config(model, args).get_text_config().vocab_size
-        teacher_config = OPDTrainer._model_config(teacher_model, args, args.teacher_model_revision)
+        student_vocab = model_config(model, args).get_text_config().vocab_size
+        teacher_config = model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
-        student_tokenizer = processing_class or OPDTrainer._try_tokenizer(model, args)
-        teacher_tokenizer = OPDTrainer._try_tokenizer(teacher_model, args)
+        student_tokenizer = processing_class or try_tokenizer(model, args)
+        teacher_tokenizer = try_tokenizer(teacher_model, args)
         both_known = student_tokenizer is not None and teacher_tokenizer is not None
         same_tokenizer = both_known and student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
         if student_vocab == teacher_vocab and (same_tokenizer or not both_known):
