@@ -49,7 +49,7 @@ SETTINGS = ("multistrategy_bpe_student", "multistrategy_bpe_teacher")
 
 def stem(setting: str) -> Path:
     return RESULTS / ("simct_testbed" if setting == DEFAULT_SETTING else f"simct_testbed_{setting}")
-METHODS = ("simct", "simple", "uld", "simct_cov", "simple_cov", "simct_excl", "simct_excl_cov")
+METHODS = ("simct", "simple", "uld", "simct_cov", "simple_cov", "simct_excl", "simct_excl_cov", "opd_same_tokenizer")
 COVERAGE = 0.5
 METHOD_CONFIGS = {
     "simct": {"cross_tokenizer_loss": "simct"},
@@ -60,8 +60,14 @@ METHOD_CONFIGS = {
     "simct_excl": {"cross_tokenizer_loss": "simct", "simct_exclusive_spans": True},
     "simct_excl_cov": {"cross_tokenizer_loss": "simct", "simct_exclusive_spans": True,
                        "simct_min_teacher_coverage": COVERAGE},
+    "opd_same_tokenizer": {},
 }
 SHARED_VOCABULARY_MODE = "decoded"
+# The control `opd_same_tokenizer`: plain OPDTrainer, the same student distilled by the teacher of the other setting,
+# which has the student's tokenizer (the `bpe_words` teacher for the BPE student, the character-level teacher for the
+# character-level student).
+SAME_TOKENIZER_TEACHER = {"multistrategy_bpe_student": "multistrategy_bpe_teacher",
+                          "multistrategy_bpe_teacher": "multistrategy_bpe_student"}
 
 
 def training_args(output_dir: str, seed: int, steps: int, lr: float = 1e-3, temperature: float = 1.0) -> dict:
@@ -100,6 +106,15 @@ def run_one(job: dict) -> dict:
     teacher, teacher_tokenizer = load_pretrained(paths["teacher"])
     student.train()
     data = testbed.make_dataset(job["steps"] * 32, paths["task"], seed=job["seed"])
+    if job["method"] == "opd_same_tokenizer":
+        from trl_opd import OPDConfig, OPDTrainer
+
+        if job["setting"] not in SAME_TOKENIZER_TEACHER:
+            raise ValueError(f"opd_same_tokenizer has no same-tokenizer teacher for {job['setting']}.")
+        other = testbed.prepare(SAME_TOKENIZER_TEACHER[job["setting"]], seed=job["testbed_seed"], show_progress=False)
+        teacher, teacher_tokenizer = load_pretrained(other["teacher"])
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError("the same-tokenizer teacher does not share the student's tokenizer")
     with tempfile.TemporaryDirectory() as output_dir:
         config = {
             **training_args(output_dir, job["seed"], job["steps"], job.get("lr", 1e-3), job.get("temperature", 1.0)),
@@ -107,11 +122,16 @@ def run_one(job: dict) -> dict:
             "shared_vocabulary_mode": SHARED_VOCABULARY_MODE,
         }
         config.update(job.get("overrides", {}))
-        args = SimCTConfig(**config)
-        trainer = SimCTTrainer(
-            student, teacher, args=args, train_dataset=data, processing_class=tokenizer,
-            teacher_processing_class=teacher_tokenizer,
-        )
+        if job["method"] == "opd_same_tokenizer":
+            config = {k: v for k, v in config.items() if k not in SimCTConfig.__dataclass_fields__
+                      or k in OPDConfig.__dataclass_fields__}
+            trainer = OPDTrainer(student, teacher, args=OPDConfig(**config), train_dataset=data,
+                                 processing_class=tokenizer)
+        else:
+            trainer = SimCTTrainer(
+                student, teacher, args=SimCTConfig(**config), train_dataset=data, processing_class=tokenizer,
+                teacher_processing_class=teacher_tokenizer,
+            )
         start = time.perf_counter()
         cpu_start = time.process_time()
         trainer.train()
