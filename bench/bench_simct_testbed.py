@@ -22,6 +22,11 @@ distillation seed varies, the checkpoints are fixed, as testbed.md recommends fo
             less than half of the teacher's next-token probability are dropped)
 * `simct_excl`, `simct_excl_cov`  SimCT with `simct_exclusive_spans=True` (our fix of the double counting: a span's
             first tokens lose their V∩ columns in its row), without and with the coverage filter
+* `opd_same_tokenizer`  control: plain OPDTrainer, the same student and a teacher with the student's own tokenizer (the
+            teacher of the other setting), so no tokenizer mismatch at all
+
+`--lr`, `--temperature` and `--set KEY=VALUE` (SimCTConfig fields) change the defaults; such runs are stored under a
+variant label (`--tag`, default built from those options) and get their own table.
 
     python bench/bench_simct_testbed.py --methods simct uld --seeds 0 1 2 --steps 200
 
