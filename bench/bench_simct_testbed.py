@@ -76,26 +76,10 @@ SAME_TOKENIZER_TEACHER = {"multistrategy_bpe_student": "multistrategy_bpe_teache
 
 
 def training_args(output_dir: str, seed: int, steps: int, lr: float = 1e-3, temperature: float = 1.0) -> dict:
-    """The testbed's OPD settings (testbed.md), as in recipes/toy/simct.yaml."""
-    return dict(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=32,
-        learning_rate=lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        seed=seed,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=25,
-        disable_tqdm=True,
-        temperature=temperature,
-        max_completion_length=40,
-    )
+    """The testbed's OPD settings (`trl_opd.testbed.distillation_args`) with this run's lr and temperature."""
+    from trl_opd.testbed import distillation_args
+
+    return distillation_args(output_dir, seed, steps, learning_rate=lr, temperature=temperature)
 
 
 def run_one(job: dict) -> dict:
