@@ -248,6 +248,11 @@ def per_token_divergence(
     z_s = student_logits.to(dtype) / temperature
     z_t = teacher_logits.to(dtype) / temperature
     log_p_s, log_p_t = _support_log_probs(z_s, z_t, top_k, top_k_source, top_k_tail)
+    return _divergence_from_log_probs(log_p_s, log_p_t, divergence, beta, alpha, clip)
+
+
+def _divergence_from_log_probs(log_p_s, log_p_t, divergence, beta, alpha, clip) -> torch.Tensor:
+    """Σ_v min(ℓ_{t,v}, clip) from both sides' log-probabilities on the support."""
     per_entry = _per_entry_divergence(log_p_s, log_p_t, divergence, beta, alpha)
     if clip is not None:
         per_entry = per_entry.clamp(max=clip)
@@ -908,6 +913,20 @@ def score_tokens(
     return TokenScores(*(None if field[0] is None else torch.cat(field) for field in zip(*pieces)))
 
 
+def _full_vocabulary_scores(student_logits, teacher_logits, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student entropy, divergence) over the full vocabulary at T_d, as `entropy_from_logits` and
+    `per_token_divergence` compute them, from one log-softmax per side."""
+    _check_same_shape(student_logits, teacher_logits, "logits")
+    dtype, temperature = _compute_dtype(student_logits), options["temperature"]
+    log_p_s = (student_logits.to(dtype) / temperature).log_softmax(dim=-1)
+    log_p_t = (teacher_logits.to(dtype) / temperature).log_softmax(dim=-1)
+    entropy = -_weighted_log_ratio(log_p_s, 0.0).sum(dim=-1)
+    divergence = _divergence_from_log_probs(
+        log_p_s, log_p_t, options["divergence"], options["beta"], options["alpha"], options["clip"]
+    )
+    return entropy, divergence
+
+
 def _score_chunk(student_logits, teacher_logits, options: dict, with_forward_kl: bool) -> TokenScores:
     forward_kl = student_mass = teacher_mass = None
     if with_forward_kl:
@@ -922,9 +941,14 @@ def _score_chunk(student_logits, teacher_logits, options: dict, with_forward_kl:
             top_k_source=options["top_k_source"],
             temperature=options["temperature"],
         )
+    if options["top_k"] is None:  # full vocabulary: one log-softmax per side serves the entropy and the divergence
+        entropy, divergence = _full_vocabulary_scores(student_logits, teacher_logits, options)
+    else:
+        entropy = entropy_from_logits(student_logits, options["temperature"])
+        divergence = per_token_divergence(student_logits, teacher_logits, **options)
     return TokenScores(
-        student_entropy=entropy_from_logits(student_logits, options["temperature"]),
-        divergence=per_token_divergence(student_logits, teacher_logits, **options),
+        student_entropy=entropy,
+        divergence=divergence,
         forward_kl=forward_kl,
         student_mass=student_mass,
         teacher_mass=teacher_mass,
