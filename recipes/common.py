@@ -192,6 +192,21 @@ def report_toy_results(setup: RecipeSetup, output_dir: str) -> dict | None:
     return results
 
 
+def distil(trainer_class, setup: RecipeSetup, args, **overrides) -> None:
+    """Build `trainer_class` on the setup's student, teacher, data, tokenizer and PEFT config (any of them replaced
+    by `overrides`, e.g. `teacher_model="self"` or RLAD's `reward_funcs`), then `train_and_report`."""
+    trainer = trainer_class(**{
+        "model": setup.student,
+        "teacher_model": setup.teacher,
+        "args": args,
+        "train_dataset": setup.train_dataset,
+        "processing_class": setup.tokenizer,
+        "peft_config": setup.peft_config,
+        **overrides,
+    })
+    train_and_report(setup, trainer, args.output_dir)
+
+
 def train_and_report(setup: RecipeSetup, trainer, output_dir: str, evaluate_before: bool = True) -> None:
     """Evaluate (toy only), train, save the model and the trainer state (its log history), plot the OPD
     diagnostics when `diagnostics_steps` is on, evaluate again and report teacher / before / after."""

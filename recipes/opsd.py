@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, train_and_report  # noqa: E402
+from common import RecipeArguments, distil, load_models_and_data, parse_recipe_args  # noqa: E402
 from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
 
 # The student's message in every OPSD version (methods.md §2.3).
@@ -40,15 +40,8 @@ def with_student_prompt(dataset):
 
 def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:
     setup = load_models_and_data(recipe, args, model_args)
-    trainer = OPDTrainer(
-        model=setup.student,
-        teacher_model="self" if args.uses_self_teacher() else setup.teacher,
-        args=args,
-        train_dataset=with_student_prompt(setup.train_dataset),
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-    )
-    train_and_report(setup, trainer, args.output_dir)
+    teacher = "self" if args.uses_self_teacher() else setup.teacher
+    distil(OPDTrainer, setup, args, teacher_model=teacher, train_dataset=with_student_prompt(setup.train_dataset))
 
 
 if __name__ == "__main__":

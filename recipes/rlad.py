@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, train_and_report  # noqa: E402
+from common import RecipeArguments, distil, load_models_and_data, parse_recipe_args  # noqa: E402
 from trl_opd import RLADConfig, RLADTrainer  # noqa: E402
 from trl_opd.eval.prompts import render_problem  # noqa: E402
 from trl_opd.rewards import boxed_format_reward, math_accuracy_reward  # noqa: E402
@@ -41,16 +41,7 @@ def with_math_instruction(dataset):
 def main(recipe: RecipeArguments, args: RLADConfig, model_args) -> None:
     setup = load_models_and_data(recipe, args, model_args)
     train_dataset = setup.train_dataset if recipe.testbed else with_math_instruction(setup.train_dataset)
-    trainer = RLADTrainer(
-        model=setup.student,
-        reward_funcs=REWARD_FUNCS,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-        teacher_model=setup.teacher,
-    )
-    train_and_report(setup, trainer, args.output_dir)
+    distil(RLADTrainer, setup, args, reward_funcs=REWARD_FUNCS, train_dataset=train_dataset)
 
 
 if __name__ == "__main__":

@@ -21,21 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, train_and_report  # noqa: E402
+from common import RecipeArguments, distil, load_models_and_data, parse_recipe_args  # noqa: E402
 from trl_opd import SimCTConfig, SimCTTrainer  # noqa: E402
 
 
 def main(recipe: RecipeArguments, args: SimCTConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)
-    trainer = SimCTTrainer(
-        model=setup.student,
-        teacher_model=setup.teacher,
-        args=args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-    )
-    train_and_report(setup, trainer, args.output_dir)
+    distil(SimCTTrainer, load_models_and_data(recipe, args, model_args), args)
 
 
 if __name__ == "__main__":
