@@ -233,14 +233,9 @@ def main(argv=None) -> int:
         )
         return 0
     from trl_opd import testbed
-    from trl_opd.testbed.training import load_pretrained
 
     prepared = testbed.prepare(options.setting, seed=options.testbed_seed)
-    heldout = testbed.heldout_problems(prepared["task"])
-    baseline = {}
-    for role in ("teacher", "student"):
-        model, tokenizer = load_pretrained(prepared[role])
-        baseline[role] = testbed.accuracy(model, tokenizer, heldout)
+    baseline = testbed.heldout_accuracies(prepared)
     results = [run_arm(arm, options, seed) for seed in options.seeds for arm in options.arms]
     record = {"options": vars(options), "baseline": baseline, "results": results}
     write_results(

@@ -309,14 +309,9 @@ def main(argv=None) -> int:
     import torch
 
     from trl_opd import testbed
-    from trl_opd.testbed.training import load_pretrained
 
     prepared = snapshot(testbed.prepare(options.setting, seed=options.testbed_seed))
-    heldout = testbed.heldout_problems(prepared["task"])
-    baseline = {}
-    for role in ("teacher", "student"):
-        model, tokenizer = load_pretrained(prepared[role])
-        baseline[role] = testbed.accuracy(model, tokenizer, heldout)
+    baseline = testbed.heldout_accuracies(prepared)
     WORK.mkdir(parents=True, exist_ok=True)
     anchor_path, discriminator = WORK / "anchor.pt", None
     if any(method.endswith("_aapa") for method in options.methods):

@@ -144,14 +144,9 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     from trl_opd import testbed
-    from trl_opd.testbed.training import load_pretrained
 
     prepared = testbed.prepare(options.setting, seed=options.testbed_seed)
-    heldout = testbed.heldout_problems(prepared["task"])
-    baseline = {}
-    for role in ("teacher", "student"):
-        model, tokenizer = load_pretrained(prepared[role])
-        baseline[role] = testbed.accuracy(model, tokenizer, heldout)
+    baseline = testbed.heldout_accuracies(prepared)
     jobs = [dict(setting=options.setting, testbed_seed=options.testbed_seed, seed=seed, steps=options.steps,
                  method=method) for seed in options.seeds for method in options.methods]
     with ProcessPoolExecutor(options.workers) as pool:

@@ -52,6 +52,7 @@ Training (``trl_opd.testbed.training``):
     ``testbed.json``); cache at ``$TRL_OPD_CACHE`` or ``~/.cache/trl_opd/testbed``, keyed by
     ``cache_key(role, task, model, training, seed)``. ``read_metadata(path) -> dict`` (held-out accuracy,
     history), ``load_pretrained(path) -> (model, tokenizer)``.
+    ``heldout_accuracies(prepared) -> {"teacher": float, "student": float}`` (greedy, 300 held-out problems).
     ``distillation_args(output_dir, seed, steps, **overrides) -> dict``: the testbed's OPD settings (batch 32,
     lr 1e-3 constant, T 1, 40 completion tokens, CPU) as config keyword arguments.
     ``SETTINGS`` {"main", "multistrategy", "multistrategy_bpe_teacher", "smoke", "smoke_bpe_teacher"} -> ``Setting(task,
@@ -90,6 +91,7 @@ from trl_opd.testbed.training import (
     build_teacher,
     cache_key,
     distillation_args,
+    heldout_accuracies,
     load_pretrained,
     prepare,
     read_metadata,
@@ -114,6 +116,7 @@ __all__ = [
     "char_tokenizer",
     "generate_completions",
     "grade_answer",
+    "heldout_accuracies",
     "heldout_problems",
     "load_pretrained",
     "make_dataset",

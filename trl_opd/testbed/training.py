@@ -417,6 +417,12 @@ SETTINGS["smoke_bpe_teacher"] = replace(
 
 
 
+def heldout_accuracies(prepared: dict) -> dict:
+    """Greedy accuracy on the 300 held-out problems of the teacher and the student of a ``prepare`` result (or of any
+    dict with ``task``, ``teacher`` and ``student`` paths): ``{"teacher": float, "student": float}``."""
+    problems = heldout_problems(prepared["task"])
+    return {role: accuracy(*load_pretrained(prepared[role]), problems) for role in ("teacher", "student")}
+
 def distillation_args(output_dir: str, seed: int, steps: int, **overrides) -> dict:
     """The testbed's distillation settings (``reference/testbed.md``; the toy YAMLs use the same): batch 32, lr 1e-3
     constant (models trained from scratch), T = 1, at most 40 completion tokens, CPU, nothing saved or reported.
