@@ -5,6 +5,7 @@ Recipes stay short scripts a researcher can read top to bottom; the plumbing liv
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from dataclasses import dataclass, field
@@ -65,7 +66,21 @@ def parse_recipe_args(config_class, *extra_classes):
     if recipe.dry_run:
         _print_resolved(parsed)
         raise SystemExit(0)
+    atexit.register(_destroy_process_group)
     return parsed
+
+
+def _destroy_process_group() -> None:
+    """Destroy the process group of an `accelerate launch` run before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's worker threads are sometimes destroyed while still joinable and a rank
+    aborts (SIGABRT) after its work is done, failing the launch. No barrier here: a rank that exits on an error must
+    not wait for the others.
+    """
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _print_resolved(parsed) -> None:

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
 from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
 from trl_opd.diagnostics import OVERLAP_KEYS, overlap_stats  # noqa: E402
 
@@ -57,3 +57,4 @@ def main(output_path: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    end_distributed_run()

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
 from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
 
 GLOBAL_BATCH = 4
@@ -80,4 +80,4 @@ if __name__ == "__main__":
     result["on_policy_losses_per_process"] = gathered
     if trainer.accelerator.is_main_process:
         out.write_text(json.dumps(result))
-    torch.distributed.barrier()
+    end_distributed_run()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import launch_two_cpu_processes
+from tiny import end_distributed_run, launch_two_cpu_processes
 
 HERE = Path(__file__).resolve()
 
@@ -104,3 +104,4 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     for evaluate_on in ("main_process", "all_processes"):
         _run(out, evaluate_on)
+    end_distributed_run()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset, tiny_model, tiny_tokenizer
+from tiny import cpu_args, end_distributed_run, launch_two_cpu_processes, prompt_dataset, tiny_model, tiny_tokenizer
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers import opd_trainer
 from trl_opd.trainers.oprd import (
@@ -582,3 +582,4 @@ def _distributed_run(out_dir: Path) -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(HERE.parent))
     _distributed_run(Path(sys.argv[1]))
+    end_distributed_run()

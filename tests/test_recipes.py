@@ -115,6 +115,7 @@ def test_toy_recipe_trains_and_reports(name, tmp_path, smoke_cache, monkeypatch)
     assert_finite_losses(tmp_path / "out")
 
 
+@pytest.mark.multiprocess
 def test_toy_recipes_on_two_cpu_processes(tmp_path, smoke_cache):
     """The OPDTrainer (TIP) and SimCTTrainer toy recipes under `accelerate launch --multi_gpu --num_processes 2`
     (use_cpu: gloo; `--cpu --num_processes 2` would start one process without MPI). RLAD's recipe has its own

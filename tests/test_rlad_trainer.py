@@ -308,6 +308,7 @@ def test_warns_when_a_generation_batch_spans_optimizer_steps(caplog):
 # ---------------------------------------------------------------- the recipe on two CPU processes
 
 
+@pytest.mark.multiprocess
 def test_recipe_runs_on_two_cpu_processes(tokenizer, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2 recipes/rlad.py` (use_cpu=True: gloo) with the toy YAML,
     pointed at tiny models. `--cpu --num_processes 2` would start a single process unless MPI is set up."""

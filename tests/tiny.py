@@ -96,6 +96,17 @@ def cpu_args(**overrides) -> dict:
     return settings
 
 
+def end_distributed_run() -> None:
+    """Call last in a launched script: wait for every rank, then destroy the gloo process group.
+
+    Left to interpreter shutdown, gloo's worker threads are sometimes destroyed while still joinable, and the
+    process aborts ("terminate called without an active exception", SIGABRT) after all its work is done.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, **env_overrides):
     """Run `script arguments...` on 2 CPU processes with accelerate and return the finished process, after asserting
     it exited 0 (the message carries the end of its output).
