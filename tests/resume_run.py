@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
