@@ -385,6 +385,30 @@ def _(tmp_path, model_dirs):
         train_dataset=prompt_dataset(), teacher_model=model_dirs["other_vocab"]))
 
 
+@case("RLAD", "a prompt longer than the context (RLADTrainer)",
+      "ValueError: “1 of 2 training prompts are too long …” (the same check as OPDTrainer's)")
+def _(tmp_path, model_dirs):
+    data = Dataset.from_dict({"prompt": ["Compute 1+2.", "Compute 1+2. " * 200]})
+    raises(ValueError, "1 of 2 training prompts are too long", lambda: RLADTrainer(
+        model_dirs["student"], char_variety_reward, args=config(tmp_path, RLADConfig, num_generations=4),
+        train_dataset=data, teacher_model=model_dirs["teacher"]))
+
+
+@case("RLAD", "an empty prompt (RLADTrainer)", "ValueError: “Row 1 of `train_dataset` has an empty prompt …”")
+def _(tmp_path, model_dirs):
+    data = Dataset.from_dict({"prompt": ["Compute 1+2.", "  "]})
+    raises(ValueError, "Row 1 of `train_dataset` has an empty prompt", lambda: RLADTrainer(
+        model_dirs["student"], char_variety_reward, args=config(tmp_path, RLADConfig, num_generations=4),
+        train_dataset=data, teacher_model=model_dirs["teacher"]))
+
+
+@case("SimCT", "a prompt longer than the context (SimCTTrainer)", "ValueError: “1 of 2 training prompts are too long …”")
+def _(tmp_path, model_dirs):
+    data = Dataset.from_dict({"prompt": ["Compute 1+2.", "Compute 1+2. " * 200]})
+    raises(ValueError, "1 of 2 training prompts are too long", lambda: SimCTTrainer(
+        model_dirs["student"], model_dirs["other_vocab"], args=config(tmp_path, SimCTConfig), train_dataset=data))
+
+
 @case("callback", "`ForesightCallback(max_trials=0)`", "ValueError: “max_trials must be an integer >= 1 …”")
 def _(tmp_path, model_dirs):
     raises(ValueError, "max_trials must be an integer >= 1", lambda: ForesightCallback(lambda m: 0.0, max_trials=0))

@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 from trl import DistillationTrainer
 from trl.trainer.utils import pad
@@ -52,56 +52,13 @@ from .aligned_prompts import aligned_prompt, aligned_rows
 from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
+from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
 from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 logger = hf_logging.get_logger(__name__)
-
-
-def _text_tokenizer(processing_class):
-    """The tokenizer of a processor (VLM), the tokenizer itself, or None."""
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    return tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
-
-
-def _check_prompt_form(index: int, prompt) -> None:
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(
-                f"Row {index} of `train_dataset` has an empty prompt; drop it, e.g. "
-                "`dataset.filter(lambda row: row['prompt'].strip() != '')`."
-            )
-        return
-    is_conversation = isinstance(prompt, list) and len(prompt) > 0 and all(
-        isinstance(message, dict) and isinstance(message.get("role"), str) and message.get("content") is not None
-        for message in prompt
-    )
-    if not is_conversation:
-        raise ValueError(
-            f"Row {index} of `train_dataset` has the prompt {str(prompt)[:120]!r} ({type(prompt).__name__}). A prompt "
-            "is a non-empty string or a non-empty list of messages like {'role': 'user', 'content': '...'}."
-        )
-
-
-def _prompt_lengths(tokenizer, prompts, chat_template_kwargs: dict, batch_size: int = 1024) -> list[int] | None:
-    """Token counts of the prompts as the trainer will tokenise them (chat template with the generation prompt for
-    conversations); None when they cannot be computed here (no chat template: the trainer reports that itself)."""
-    lengths = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            if isinstance(batch[0], str):
-                ids = tokenizer(text=batch)["input_ids"]
-            else:
-                ids = tokenizer.apply_chat_template(batch, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True, **chat_template_kwargs)["input_ids"]
-            lengths.extend(len(row) for row in ids)
-    except (ValueError, TypeError, KeyError) as error:
-        logger.warning("Could not measure the training prompts' lengths (%s); skipping that check.", error)
-        return None
-    return lengths
 
 
 class _OPDTrainerCore(DistillationTrainer):
@@ -258,8 +215,8 @@ class _OPDTrainerCore(DistillationTrainer):
         student_vocab = model_config(model, args).get_text_config().vocab_size
         teacher_config = model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
-        student_tokenizer = _text_tokenizer(processing_class or try_tokenizer(model, args))
-        teacher_tokenizer = _text_tokenizer(try_tokenizer(teacher_model, args))
+        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
+        teacher_tokenizer = text_tokenizer(try_tokenizer(teacher_model, args))
         if student_tokenizer is not None and teacher_tokenizer is not None:
             if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
                 raise ValueError(
@@ -294,45 +251,11 @@ class _OPDTrainerCore(DistillationTrainer):
         return len(student_tokenizer)
 
     def _check_prompts(self, train_dataset, model, teacher_model, processing_class, args: OPDConfig) -> None:
-        """Every training prompt is a non-empty string or a list of {role, content} messages, and leaves room for
-        `max_completion_length` tokens in both models' context (`max_position_embeddings`). Reads the whole prompt
-        column and tokenises it once (seconds per 10k prompts), before any weights are loaded."""
-        columns = getattr(train_dataset, "column_names", None)
-        if columns is None or "prompt" not in columns:
-            return
-        prompts = train_dataset["prompt"]
-        for index, prompt in enumerate(prompts):
-            _check_prompt_form(index, prompt)
-        tokenizer = _text_tokenizer(processing_class or try_tokenizer(model, args))
-        configs = [model_config(model, args)]
-        if not self._self_teacher:
-            configs.append(model_config(teacher_model, args, args.teacher_model_revision))
-        limits = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs]
-        limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
-        if tokenizer is None or not limits or args.max_completion_length is None:
-            return
-        context = min(limits)
-        room = context - args.max_completion_length
-        if room < 1:
-            raise ValueError(
-                f"max_completion_length={args.max_completion_length} leaves no room for a prompt in the models' "
-                f"context of {context} positions (`max_position_embeddings`); lower max_completion_length."
-            )
-        lengths = _prompt_lengths(tokenizer, prompts, {**(args.chat_template_kwargs or {}),
-                                                       **(args.student_chat_template_kwargs or {})})
-        if lengths is None:
-            return
-        too_long = [index for index, length in enumerate(lengths) if length > room]
-        if too_long:
-            first = too_long[0]
-            raise ValueError(
-                f"{len(too_long)} of {len(lengths)} training prompts are too long: with "
-                f"max_completion_length={args.max_completion_length} a prompt may have at most {room} tokens in the "
-                f"models' context of {context} positions (`max_position_embeddings`), but row {first} has "
-                f"{lengths[first]}. Drop or shorten them, e.g. "
-                f"`dataset.filter(lambda row: len(tokenizer(row['prompt']).input_ids) <= {room})`, or lower "
-                "max_completion_length."
-            )
+        """Every training prompt is well formed and leaves room for `max_completion_length` tokens in both models'
+        context (see `check_prompts`); the student's chat-template arguments apply."""
+        models = [model] if self._self_teacher else [model, (teacher_model, args.teacher_model_revision)]
+        check_prompts(train_dataset, models, processing_class, args,
+                      {**(args.chat_template_kwargs or {}), **(args.student_chat_template_kwargs or {})})
 
     def _check_head_devices(self) -> None:
         """The loss reads both LM heads chunk by chunk on one device: fail now rather than at the first step."""

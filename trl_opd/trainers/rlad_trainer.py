@@ -23,6 +23,7 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 from ..anchor import make_anchor_reward
 from ..rlad import teacher_clamp_mask, trrd_anchor_logp
 from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
+from .prompt_checks import check_prompts
 from .resume import resolve_resume_from_checkpoint
 from .rlad_config import RLADConfig
 
@@ -71,6 +72,8 @@ class RLADTrainer(GRPOTrainer):
         # Every check that needs no weights runs first, so bad input fails before anything is loaded.
         self._check_teacher_argument(teacher_model, args)
         self._check_teacher_vocabulary(model, teacher_model, processing_class, args)
+        check_prompts(train_dataset, [model, (teacher_model, args.teacher_model_revision)], processing_class, args,
+                      args.chat_template_kwargs or {})
         anchor_reward = make_anchor_reward(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(

@@ -1,0 +1,103 @@
+"""Checks on the training prompts that run before any weights are loaded (OPDTrainer, SimCTTrainer, RLADTrainer).
+
+A prompt that is empty, malformed, or too long to leave room for `max_completion_length` tokens in the models'
+context would otherwise fail (or silently run past the trained context) at some step hours into a run.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from .teacher import model_config, try_tokenizer
+
+logger = hf_logging.get_logger(__name__)
+
+
+def text_tokenizer(processing_class):
+    """The tokenizer of a processor (VLM), the tokenizer itself, or None."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    return tokenizer if isinstance(tokenizer, PreTrainedTokenizerBase) else None
+
+
+def check_prompt_form(index: int, prompt) -> None:
+    """A prompt is a non-empty string or a non-empty list of {role, content} messages."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise ValueError(
+                f"Row {index} of `train_dataset` has an empty prompt; drop it, e.g. "
+                "`dataset.filter(lambda row: row['prompt'].strip() != '')`."
+            )
+        return
+    is_conversation = isinstance(prompt, list) and len(prompt) > 0 and all(
+        isinstance(message, dict) and isinstance(message.get("role"), str) and message.get("content") is not None
+        for message in prompt
+    )
+    if not is_conversation:
+        raise ValueError(
+            f"Row {index} of `train_dataset` has the prompt {str(prompt)[:120]!r} ({type(prompt).__name__}). A prompt "
+            "is a non-empty string or a non-empty list of messages like {'role': 'user', 'content': '...'}."
+        )
+
+
+def prompt_lengths(tokenizer, prompts, chat_template_kwargs: dict, batch_size: int = 1024) -> list[int] | None:
+    """Token counts of the prompts as the trainer will tokenise them (chat template with the generation prompt for
+    conversations); None when they cannot be computed here (no chat template: the trainer reports that itself)."""
+    lengths = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            if isinstance(batch[0], str):
+                ids = tokenizer(text=batch)["input_ids"]
+            else:
+                ids = tokenizer.apply_chat_template(batch, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True, **chat_template_kwargs)["input_ids"]
+            lengths.extend(len(row) for row in ids)
+    except (ValueError, TypeError, KeyError) as error:
+        logger.warning("Could not measure the training prompts' lengths (%s); skipping that check.", error)
+        return None
+    return lengths
+
+
+def check_prompts(train_dataset, models, processing_class, args, chat_template_kwargs: dict) -> None:
+    """Every prompt of `train_dataset`'s "prompt" column is well formed and, tokenised by the student's tokenizer,
+    leaves room for `args.max_completion_length` tokens in the smallest context (`max_position_embeddings`) of
+    `models` (the student first; each a module, a path/Hub id, or a `(path, revision)` pair).
+
+    Reads the whole prompt column and tokenises it once (seconds per 10k prompts). Datasets without a "prompt"
+    column (iterable datasets, custom collators) are not checked.
+    """
+    columns = getattr(train_dataset, "column_names", None)
+    if columns is None or "prompt" not in columns:
+        return
+    prompts = train_dataset["prompt"]
+    for index, prompt in enumerate(prompts):
+        check_prompt_form(index, prompt)
+    student = models[0]
+    tokenizer = text_tokenizer(processing_class or try_tokenizer(student, args))
+    configs = [model_config(m[0], args, m[1]) if isinstance(m, tuple) else model_config(m, args) for m in models]
+    limits = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    if tokenizer is None or not limits or args.max_completion_length is None:
+        return
+    context = min(limits)
+    room = context - args.max_completion_length
+    if room < 1:
+        raise ValueError(
+            f"max_completion_length={args.max_completion_length} leaves no room for a prompt in the models' "
+            f"context of {context} positions (`max_position_embeddings`); lower max_completion_length."
+        )
+    lengths = prompt_lengths(tokenizer, prompts, chat_template_kwargs)
+    if lengths is None:
+        return
+    too_long = [index for index, length in enumerate(lengths) if length > room]
+    if too_long:
+        first = too_long[0]
+        raise ValueError(
+            f"{len(too_long)} of {len(lengths)} training prompts are too long: with "
+            f"max_completion_length={args.max_completion_length} a prompt may have at most {room} tokens in the "
+            f"models' context of {context} positions (`max_position_embeddings`), but row {first} has "
+            f"{lengths[first]}. Drop or shorten them, e.g. "
+            f"`dataset.filter(lambda row: len(tokenizer(row['prompt']).input_ids) <= {room})`, or lower "
+            "max_completion_length."
+        )
