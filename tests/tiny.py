@@ -112,18 +112,24 @@ def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, *
     it exited 0 (the message carries the end of its output).
 
     `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; torchrun
-    (`--multi_gpu`) with use_cpu gives DistributedType.MULTI_CPU over gloo, a real 2-process run.
+    (`--multi_gpu`) with use_cpu gives DistributedType.MULTI_CPU over gloo, a real 2-process run. Each launch gets a
+    free rendezvous port, so a launch never meets the previous one's socket (torchrun's default is always 29500).
     """
     import os
+    import socket
     import subprocess
     import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "ACCELERATE_DISABLE_RICH": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "ACCELERATE_USE_CPU": "true",
            **env_overrides}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-               *map(str, arguments)]
+               "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(script), *map(str, arguments)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return finished
