@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_recipes import RECIPES, SMOKE, TOY_RUNS, script_of  # noqa: E402
+from tiny import end_distributed_run  # noqa: E402
 
 if __name__ == "__main__":
     out_dir, names = Path(sys.argv[1]), sys.argv[2:]
@@ -24,3 +25,4 @@ if __name__ == "__main__":
         for module in ("common", "opd"):
             sys.modules.pop(module, None)
         runpy.run_path(sys.argv[0], run_name="__main__")
+    end_distributed_run()

@@ -45,3 +45,17 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert {name: len(losses) for name, losses in smoke.items()} == {"opd": 2, "simct": 2}
     assert all(math.isfinite(loss) for losses in smoke.values() for loss in losses)
     assert two["on_policy_losses_per_process"][0] == two["on_policy_losses_per_process"][1]  # logged loss: global
+
+
+@pytest.mark.multiprocess
+def test_nan_on_one_process_stops_the_whole_launch_with_its_message(tmp_path):
+    """NaN hidden states on rank 1 only: rank 1 raises FloatingPointError before its backward; rank 0 (finite values)
+    is then blocked in DDP's all-reduce, and torchrun ends it when rank 1 exits. The launch fails within seconds,
+    with rank 1's message, instead of hanging for the collective's 30-minute timeout. No collective is spent on
+    agreeing about finiteness at every step: the launcher's failure propagation already stops the job."""
+    # A hang would end in subprocess.TimeoutExpired (the run itself takes ~20 s; 240 s is the failure bound).
+    finished = launch_two_cpu_processes(Path(__file__).with_name("ddp_nan_run.py"), tmp_path / "run", timeout=240,
+                                        expect_success=False)
+    output = finished.stdout + finished.stderr
+    assert finished.returncode != 0, output[-3000:]
+    assert "FloatingPointError: The teacher's hidden states (and so its logits) are NaN" in output, output[-3000:]

@@ -326,8 +326,8 @@ def test_recipe_runs_on_two_cpu_processes(tokenizer, tmp_path):
                   per_device_train_batch_size=4, num_generations=4, max_completion_length=6, logging_steps=1,
                   disable_tqdm=True, use_cpu=True)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = launch_two_cpu_processes(REPO / "recipes" / "rlad.py", "--config", tmp_path / "config.yaml", cwd=tmp_path,
-                                      PYTHONPATH=str(REPO))
+    result = launch_two_cpu_processes(Path(__file__).with_name("recipe_2proc_launch.py"), REPO / "recipes" / "rlad.py",
+                                      "--config", tmp_path / "config.yaml", cwd=tmp_path, PYTHONPATH=str(REPO))
     logs = [json.loads(line.replace("'", '"')) for line in re.findall(r"^\{'loss'.*\}$", result.stdout, re.M)]
     assert len(logs) == 2, result.stdout[-2000:]
     for entry in logs:

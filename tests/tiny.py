@@ -97,19 +97,29 @@ def cpu_args(**overrides) -> dict:
 
 
 def end_distributed_run() -> None:
-    """Call last in a launched script: wait for every rank, then destroy the gloo process group.
+    """Call last in a launched script: wait for every rank, destroy the gloo process group and exit at once.
 
-    Left to interpreter shutdown, gloo's worker threads are sometimes destroyed while still joinable, and the
-    process aborts ("terminate called without an active exception", SIGABRT) after all its work is done.
+    About one launch in 15-30 on a loaded 2-core machine aborted after all its work was done: "terminate called
+    without an active exception" (SIGABRT) with no Python frame, i.e. in the interpreter's finalization, where a C++
+    thread object of torch's distributed runtime is destroyed while still joinable; destroying the process group
+    first did not prevent it. A test script has written its results by now, so it skips finalization with
+    `os._exit(0)` after flushing its streams: the launch's exit status then reports the test's work only.
     """
+    import os
+    import sys
+
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, **env_overrides):
+def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, expect_success: bool = True,
+                             **env_overrides):
     """Run `script arguments...` on 2 CPU processes with accelerate and return the finished process, after asserting
-    it exited 0 (the message carries the end of its output).
+    it exited 0 (the message carries the end of its output) unless `expect_success=False`.
 
     `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; torchrun
     (`--multi_gpu`) with use_cpu gives DistributedType.MULTI_CPU over gloo, a real 2-process run. Each launch gets a
@@ -131,5 +141,6 @@ def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, *
                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
                "--dynamo_backend", "no", str(script), *map(str, arguments)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    if expect_success:
+        assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return finished
