@@ -4,7 +4,6 @@ import itertools
 import json
 import random
 import re
-import time
 
 import pytest
 import torch
@@ -337,9 +336,7 @@ def test_build_caches_and_reuses(tmp_path, monkeypatch):
         raise AssertionError("a cached checkpoint was retrained")
 
     monkeypatch.setattr(training, "_train_and_save", no_training)
-    start = time.perf_counter()
     assert build_teacher(MAIN, TINY_MODEL, seed=0, cache_dir=tmp_path, training=TINY_TRAINING) == path
-    assert time.perf_counter() - start < 1.0
     with pytest.raises(AssertionError, match="retrained"):  # another seed is another entry
         build_teacher(MAIN, TINY_MODEL, seed=1, cache_dir=tmp_path, training=TINY_TRAINING)
     assert [p.name for p in tmp_path.iterdir()] == [path.split("/")[-1]]  # no staging directory left behind
