@@ -71,14 +71,19 @@ def parse_recipe_args(config_class, *extra_classes):
 
 
 def _destroy_process_group() -> None:
-    """Destroy the process group of an `accelerate launch` run before the interpreter exits.
+    """Free the finished trainer and destroy the process group of an `accelerate launch` run before the interpreter
+    exits.
 
-    Left to interpreter shutdown, gloo's worker threads are sometimes destroyed while still joinable and a rank
-    aborts (SIGABRT) after its work is done, failing the launch. No barrier here: a rank that exits on an error must
-    not wait for the others.
+    Left to interpreter finalization, the process group (still referenced by the DDP-wrapped model of a trainer
+    kept alive by reference cycles) is torn down with the runtime's C++ threads still joinable, and a rank
+    occasionally aborts (SIGABRT) after its work is done, failing the launch. Collecting the garbage first lets the
+    group go while the interpreter is whole. No barrier: a rank that exits on an error must not wait for the others.
     """
+    import gc
+
     import torch
 
+    gc.collect()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
