@@ -109,10 +109,12 @@ class _OPDTrainerCore(DistillationTrainer):
         self._privileged = args.uses_teacher_context(teacher_model)
         self._check_datasets(train_dataset, eval_dataset, args)
         self._check_teacher_context(train_dataset, args, self._privileged)
+        # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
+        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
         self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
-            model, teacher_model, processing_class, args
+            model, teacher_model, student_tokenizer, args
         )
-        self._check_prompts(train_dataset, model, teacher_model, processing_class, args)
+        self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
 
         super().__init__(
             model=model,
@@ -209,13 +211,12 @@ class _OPDTrainerCore(DistillationTrainer):
                     "privileged context off with use_teacher_context=False."
                 )
 
-    def _shared_vocab_size(self, model, teacher_model, processing_class, args: OPDConfig) -> int | None:
+    def _shared_vocab_size(self, model, teacher_model, student_tokenizer, args: OPDConfig) -> int | None:
         """None when both LM heads have the same width; the tokenizer's length when the heads are padded differently
         around the same tokenizer (methods.md §0.8); otherwise a ValueError that points to SimCTTrainer."""
         student_vocab = model_config(model, args).get_text_config().vocab_size
         teacher_config = model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
-        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
         teacher_tokenizer = text_tokenizer(try_tokenizer(teacher_model, args))
         if student_tokenizer is not None and teacher_tokenizer is not None:
             if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
@@ -250,11 +251,13 @@ class _OPDTrainerCore(DistillationTrainer):
             )
         return len(student_tokenizer)
 
-    def _check_prompts(self, train_dataset, model, teacher_model, processing_class, args: OPDConfig) -> None:
+    def _check_prompts(self, train_dataset, model, teacher_model, student_tokenizer, args: OPDConfig) -> None:
         """Every training prompt is well formed and leaves room for `max_completion_length` tokens in both models'
         context (see `check_prompts`); the student's chat-template arguments apply."""
-        models = [model] if self._self_teacher else [model, (teacher_model, args.teacher_model_revision)]
-        check_prompts(train_dataset, models, processing_class, args,
+        models = [(model, None)]
+        if not self._self_teacher:
+            models.append((teacher_model, args.teacher_model_revision))
+        check_prompts(train_dataset, models, student_tokenizer, args,
                       {**(args.chat_template_kwargs or {}), **(args.student_chat_template_kwargs or {})})
 
     def _check_head_devices(self) -> None:

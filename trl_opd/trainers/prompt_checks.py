@@ -9,7 +9,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from .teacher import model_config, try_tokenizer
+from .teacher import model_config
 
 logger = hf_logging.get_logger(__name__)
 
@@ -59,10 +59,11 @@ def prompt_lengths(tokenizer, prompts, chat_template_kwargs: dict, batch_size: i
     return lengths
 
 
-def check_prompts(train_dataset, models, processing_class, args, chat_template_kwargs: dict) -> None:
-    """Every prompt of `train_dataset`'s "prompt" column is well formed and, tokenised by the student's tokenizer,
-    leaves room for `args.max_completion_length` tokens in the smallest context (`max_position_embeddings`) of
-    `models` (the student first; each a module, a path/Hub id, or a `(path, revision)` pair).
+def check_prompts(train_dataset, models, tokenizer, args, chat_template_kwargs: dict) -> None:
+    """Every prompt of `train_dataset`'s "prompt" column is well formed and, tokenised by the student's `tokenizer`
+    (None: the lengths are not checked), leaves room for `args.max_completion_length` tokens in the smallest context
+    (`max_position_embeddings`) of `models`, a list of `(model, revision)` pairs (a model is a module or a path/Hub
+    id; the revision is None for a module or the default).
 
     Reads the whole prompt column and tokenises it once (seconds per 10k prompts). Datasets without a "prompt"
     column (iterable datasets, custom collators) are not checked.
@@ -73,9 +74,7 @@ def check_prompts(train_dataset, models, processing_class, args, chat_template_k
     prompts = train_dataset["prompt"]
     for index, prompt in enumerate(prompts):
         check_prompt_form(index, prompt)
-    student = models[0]
-    tokenizer = text_tokenizer(processing_class or try_tokenizer(student, args))
-    configs = [model_config(m[0], args, m[1]) if isinstance(m, tuple) else model_config(m, args) for m in models]
+    configs = [model_config(model, args, revision) for model, revision in models]
     limits = [getattr(c.get_text_config(), "max_position_embeddings", None) for c in configs]
     limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
     if tokenizer is None or not limits or args.max_completion_length is None:

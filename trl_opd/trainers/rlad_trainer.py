@@ -23,7 +23,7 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 from ..anchor import make_anchor_reward
 from ..rlad import teacher_clamp_mask, trrd_anchor_logp
 from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
-from .prompt_checks import check_prompts
+from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rlad_config import RLADConfig
 
@@ -71,9 +71,10 @@ class RLADTrainer(GRPOTrainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # Every check that needs no weights runs first, so bad input fails before anything is loaded.
         self._check_teacher_argument(teacher_model, args)
-        self._check_teacher_vocabulary(model, teacher_model, processing_class, args)
-        check_prompts(train_dataset, [model, (teacher_model, args.teacher_model_revision)], processing_class, args,
-                      args.chat_template_kwargs or {})
+        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))  # loaded once, for both
+        self._check_teacher_vocabulary(model, teacher_model, student_tokenizer, args)
+        check_prompts(train_dataset, [(model, None), (teacher_model, args.teacher_model_revision)], student_tokenizer,
+                      args, args.chat_template_kwargs or {})
         anchor_reward = make_anchor_reward(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(
@@ -123,13 +124,12 @@ class RLADTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     @staticmethod
-    def _check_teacher_vocabulary(model, teacher_model, processing_class, args: RLADConfig) -> None:
+    def _check_teacher_vocabulary(model, teacher_model, student_tokenizer, args: RLADConfig) -> None:
         """The teacher must score the student's token ids: same tokenizer, and an LM head at least as wide as the
         student's (a wider, padded head is fine; a narrower one could not score every id the student samples)."""
         student_vocab = model_config(model, args).get_text_config().vocab_size
         teacher_config = model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
-        student_tokenizer = processing_class or try_tokenizer(model, args)
         teacher_tokenizer = try_tokenizer(teacher_model, args)
         both_known = student_tokenizer is not None and teacher_tokenizer is not None
         same_tokenizer = both_known and student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()

@@ -112,7 +112,7 @@ class SimCTTrainer(OPDTrainer):
 
     # ------------------------------------------------------------------ tokenizers
 
-    def _shared_vocab_size(self, model, teacher_model, processing_class, args) -> None:
+    def _shared_vocab_size(self, model, teacher_model, student_tokenizer, args) -> None:
         """The parent's vocabulary-size guard does not apply: the vocabularies are meant to differ."""
         return None
 
