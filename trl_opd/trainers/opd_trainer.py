@@ -55,7 +55,7 @@ from .oprd import RepresentationDistillationMixin
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
-from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
+from .teacher import check_teacher_init_kwargs, load_teacher, model_config, prepare_teacher, try_tokenizer
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 logger = hf_logging.get_logger(__name__)
@@ -100,11 +100,7 @@ class _OPDTrainerCore(DistillationTrainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # Every check that needs no weights runs first, so bad input fails before anything is loaded.
         self._check_teacher_argument(teacher_model)
-        if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or pass "
-                "the teacher as a model id/path."
-            )
+        check_teacher_init_kwargs(teacher_model, args)
         self._self_teacher = args.uses_self_teacher(teacher_model)
         self._privileged = args.uses_teacher_context(teacher_model)
         self._check_datasets(train_dataset, eval_dataset, args)

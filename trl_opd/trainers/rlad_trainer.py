@@ -22,7 +22,7 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 
 from ..anchor import make_anchor_reward
 from ..rlad import teacher_clamp_mask, trrd_anchor_logp
-from .teacher import load_teacher, model_config, prepare_teacher, try_tokenizer
+from .teacher import check_teacher_init_kwargs, load_teacher, model_config, prepare_teacher, try_tokenizer
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rlad_config import RLADConfig
@@ -112,11 +112,7 @@ class RLADTrainer(GRPOTrainer):
             )
         if not isinstance(teacher_model, (str, PreTrainedModel)):
             raise TypeError(f"`teacher_model` must be a model id/path or a PreTrainedModel, got {type(teacher_model)}.")
-        if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or pass "
-                "the teacher as a model id/path."
-            )
+        check_teacher_init_kwargs(teacher_model, args)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run."""

@@ -37,14 +37,19 @@ def try_tokenizer(model, args):
         return None
 
 
+def check_teacher_init_kwargs(teacher_model, args) -> None:
+    """`teacher_model_init_kwargs` only make sense for a teacher given as a path/Hub id (checked before any loading)."""
+    if not isinstance(teacher_model, str) and args.teacher_model_init_kwargs is not None:
+        raise ValueError(
+            "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or pass the "
+            "teacher as a model id/path."
+        )
+
+
 def load_teacher(teacher_model, args):
     """A teacher module from a module (returned as is) or a path/Hub id (loaded with the config's teacher fields)."""
+    check_teacher_init_kwargs(teacher_model, args)
     if not isinstance(teacher_model, str):
-        if args.teacher_model_init_kwargs is not None:
-            raise ValueError(
-                "You passed `teacher_model_init_kwargs` but the teacher is already instantiated; remove them or "
-                "pass the teacher as a model id/path."
-            )
         return teacher_model
     init_kwargs = dict(args.teacher_model_init_kwargs or {})
     if args.teacher_model_revision is not None:
