@@ -28,6 +28,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .losses import _entropy_from_log_probs
+
 OVERLAP_KEYS = (
     "overlap_ratio",
     "student_overlap_mass",
@@ -42,11 +44,6 @@ _TOTALS = ("num_tokens", *OVERLAP_KEYS, "num_overlapping_tokens")
 _INDEX = {name: index for index, name in enumerate(_TOTALS)}
 
 
-def _entropy(log_probs: Tensor) -> Tensor:
-    """H(p) from log p over the last dim; entries with p = 0 (logit −inf) contribute 0 (``entr(0) = 0``)."""
-    return torch.special.entr(log_probs.exp()).sum(dim=-1)
-
-
 def _renormalised_log_probs(log_probs: Tensor, in_set: Tensor) -> Tensor:
     """log p̄ over the entries where ``in_set`` is True (−inf elsewhere; NaN on rows with an empty set)."""
     restricted = log_probs.masked_fill(~in_set, -math.inf)
@@ -59,8 +56,8 @@ def _overlap_sums(student_logits: Tensor, teacher_logits: Tensor, k: int, temper
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     student_log_probs = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
     teacher_log_probs = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-    student_entropy = _entropy(student_log_probs)
-    entropy_gap = (_entropy(teacher_log_probs) - student_entropy).abs()
+    student_entropy = _entropy_from_log_probs(student_log_probs)
+    entropy_gap = (_entropy_from_log_probs(teacher_log_probs) - student_entropy).abs()
 
     student_top = student_log_probs.topk(k, dim=-1).indices
     teacher_top = teacher_log_probs.topk(k, dim=-1).indices

@@ -277,6 +277,11 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0 (it divides the logits).")
     log_p = (logits.to(_compute_dtype(logits)) / temperature).log_softmax(dim=-1)
+    return _entropy_from_log_probs(log_p)
+
+
+def _entropy_from_log_probs(log_p: torch.Tensor) -> torch.Tensor:
+    """H(p) = −Σ_v p_v log p_v over the last dim from log p; entries with p = 0 (logit −inf) contribute 0."""
     return -_weighted_log_ratio(log_p, 0.0).sum(dim=-1)
 
 
@@ -693,7 +698,7 @@ def _closed_form_chunk(hidden, coefficients, student: _Head, teacher_logits, opt
     log_p_s = (logits / temperature).log_softmax(dim=-1)
     log_p_t = (teacher_logits / temperature).log_softmax(dim=-1)
     p_s = log_p_s.exp()
-    entropy = -_weighted_log_ratio(log_p_s, 0.0).sum(dim=-1)
+    entropy = _entropy_from_log_probs(log_p_s)
     if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
         per_token = _weighted_log_ratio(log_p_t, log_p_s).sum(dim=-1)
         grad = p_s - log_p_t.exp()
@@ -920,7 +925,7 @@ def _full_vocabulary_scores(student_logits, teacher_logits, options: dict) -> tu
     dtype, temperature = _compute_dtype(student_logits), options["temperature"]
     log_p_s = (student_logits.to(dtype) / temperature).log_softmax(dim=-1)
     log_p_t = (teacher_logits.to(dtype) / temperature).log_softmax(dim=-1)
-    entropy = -_weighted_log_ratio(log_p_s, 0.0).sum(dim=-1)
+    entropy = _entropy_from_log_probs(log_p_s)
     divergence = _divergence_from_log_probs(
         log_p_s, log_p_t, options["divergence"], options["beta"], options["alpha"], options["clip"]
     )
