@@ -11,18 +11,18 @@ self-distillation has a real teacher signal to transfer.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 from trl_opd.testbed.models import ModelSpec, config_from_spec, tiny_model
 from trl_opd.testbed.task import TaskConfig, derive_seed, task_stream, validation_problems
 from trl_opd.testbed.tokenizers import task_tokenizer
-from trl_opd.testbed.training import default_cache_dir, sft
+from trl_opd.testbed.training import build_cache_entry, default_cache_dir, sft
 
 # Only testbed characters, so the character tokenizer encodes it exactly. Use it as `teacher_prompt_template`.
 CONTEXT_TEMPLATE = "Solution: {solution}\n{problem}"
 CONTEXT_SHARE = 0.5
+SFT_FILE = "sft.json"
 # The testbed's student recipe, spelled out so that the cache key does not move when the testbed's defaults do.
 CONTEXT_STUDENT_SFT = {"steps": 3000, "batch_size": 64, "learning_rate": 3e-3, "warmup_steps": 50, "eval_every": 20,
                        "target_accuracy": 0.15, "strategy": 0}
@@ -46,18 +46,17 @@ def context_literate_student(task: TaskConfig, seed: int = 0, cache_dir=None, sh
     key = derive_seed("context-student", CONTEXT_TEMPLATE, CONTEXT_SHARE, asdict(task), asdict(spec),
                       CONTEXT_STUDENT_SFT, seed)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = root / f"context-student-{key:016x}"
-    if (path / "config.json").exists():
-        return str(path)
-    tokenizer = task_tokenizer(spec.tokenizer, task)
-    model = tiny_model(tokenizer, config_from_spec(spec, tokenizer), seed=seed)
-    recipe = dict(CONTEXT_STUDENT_SFT)
-    stream = task_stream(task, seed=seed, strategy=recipe.pop("strategy")).map(_mixed_context)
-    result = sft(model, tokenizer, stream, eval_problems=validation_problems(task), seed=seed,
-                 show_progress=show_progress, **recipe)
-    staging = path.with_name(path.name + f".tmp{os.getpid()}")  # renamed into place: no half-written entry
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "sft.json").write_text(json.dumps({"steps": result.steps, "evaluations": result.evaluations}))
-    os.replace(staging, path)
-    return str(path)
+
+    def write(staging: Path) -> None:
+        tokenizer = task_tokenizer(spec.tokenizer, task)
+        model = tiny_model(tokenizer, config_from_spec(spec, tokenizer), seed=seed)
+        recipe = dict(CONTEXT_STUDENT_SFT)
+        stream = task_stream(task, seed=seed, strategy=recipe.pop("strategy")).map(_mixed_context)
+        result = sft(model, tokenizer, stream, eval_problems=validation_problems(task), seed=seed,
+                     show_progress=show_progress, **recipe)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / SFT_FILE).write_text(json.dumps({"steps": result.steps, "evaluations": result.evaluations}))
+
+    # Complete once its last file exists: the rename into place makes every file appear at once.
+    return build_cache_entry(root / f"context-student-{key:016x}", lambda entry: (entry / SFT_FILE).exists(), write)

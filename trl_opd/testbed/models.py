@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, Qwen3Config, Qwen3ForCausalLM
 
+from trl_opd.testbed.tokenizers import TOKENIZER_KINDS
+
 _ARCHITECTURES = {"qwen3": (Qwen3Config, Qwen3ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
 
@@ -38,8 +40,8 @@ class ModelSpec:
     def __post_init__(self):
         if self.arch not in _ARCHITECTURES:
             raise ValueError(f"arch must be one of {sorted(_ARCHITECTURES)}, got {self.arch!r}.")
-        if self.tokenizer not in ("char", "bpe", "bpe_words"):
-            raise ValueError(f"tokenizer must be 'char', 'bpe' or 'bpe_words', got {self.tokenizer!r}.")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer must be one of {TOKENIZER_KINDS}, got {self.tokenizer!r}.")
         if min(self.hidden, self.layers, self.heads) < 1:
             raise ValueError("hidden, layers and heads must all be >= 1.")
         if self.hidden % self.heads:

@@ -268,16 +268,29 @@ def build_model(
     training = training or DEFAULT_TRAINING[role]
     key = cache_key(role, task, model, training, seed)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entry = root / f"{role}-{key}"
-    if _is_complete(entry, key):
-        return str(entry)
-    root.mkdir(parents=True, exist_ok=True)
-    staging = root / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(staging: Path) -> None:
         metadata = _train_and_save(staging, role, task, model, training, seed, show_progress)
         metadata["key"] = key
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        _publish(staging, entry, key)
+
+    return build_cache_entry(root / f"{role}-{key}", lambda entry: _is_complete(entry, key), write)
+
+
+def build_cache_entry(entry: Path, is_complete, write) -> str:
+    """``entry`` as a string, first built by ``write(staging)`` unless ``is_complete(entry)`` already holds.
+
+    ``write`` fills a temporary sibling directory, renamed into place at the end, so an interrupted build never
+    leaves an entry that a later call would use; an incomplete entry found in place is replaced; when a concurrent
+    build of the same entry wins the race, its entry is used. The staging directory is removed in every case.
+    """
+    if is_complete(entry):
+        return str(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = entry.parent / f".tmp-{entry.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(staging)
+        _publish(staging, entry, is_complete)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(entry)
@@ -293,13 +306,13 @@ def build_student(*args, **kwargs) -> str:
     return build_model("student", *args, **kwargs)
 
 
-def _publish(staging: Path, entry: Path, key: str) -> None:
-    if entry.exists() and not _is_complete(entry, key):
+def _publish(staging: Path, entry: Path, is_complete) -> None:
+    if entry.exists() and not is_complete(entry):
         shutil.rmtree(entry)  # left incomplete by someone else: replace it
     try:
         os.rename(staging, entry)
     except OSError:
-        if not _is_complete(entry, key):  # a concurrent build of the same key won the race: use its entry
+        if not is_complete(entry):  # a concurrent build of the same entry won the race: use its entry
             raise
 
 
@@ -416,12 +429,12 @@ SETTINGS["smoke_bpe_teacher"] = replace(
 )
 
 
-
 def heldout_accuracies(prepared: dict) -> dict:
     """Greedy accuracy on the 300 held-out problems of the teacher and the student of a ``prepare`` result (or of any
     dict with ``task``, ``teacher`` and ``student`` paths): ``{"teacher": float, "student": float}``."""
     problems = heldout_problems(prepared["task"])
     return {role: accuracy(*load_pretrained(prepared[role]), problems) for role in ("teacher", "student")}
+
 
 def distillation_args(output_dir: str, seed: int, steps: int, **overrides) -> dict:
     """The testbed's distillation settings (``reference/testbed.md``; the toy YAMLs use the same): batch 32, lr 1e-3
@@ -447,6 +460,7 @@ def distillation_args(output_dir: str, seed: int, steps: int, **overrides) -> di
         "max_completion_length": 40,
         **overrides,
     }
+
 
 def get_setting(name: str) -> Setting:
     if name not in SETTINGS:
