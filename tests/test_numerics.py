@@ -128,7 +128,7 @@ def test_tip_scores_and_trainer_entropy_are_finite(kind):
                           teacher_bias=bias, chunk_size=3, divergence="reverse_kl", with_forward_kl=True)
     assert finite(*(score for score in scores if score is not None))
     # The trainer's entropy log (was −Σ p·log p, NaN at −inf logits: 0·(−inf)).
-    trainer = types.SimpleNamespace(args=types.SimpleNamespace(loss_chunk_size=3), _loss_vocab_size=None,
+    trainer = types.SimpleNamespace(_loss_chunk_tokens=lambda num_tokens, head: 3, _loss_vocab_size=None,
                                     distillation_temperature=0.7)
     entropy = OPDTrainer._student_entropy(trainer, student_hidden, OutputHead(student_head, bias, 1.0, None))
     logits = torch.nn.functional.linear(student_hidden, student_head, bias).float()  # as the trainer: head dtype

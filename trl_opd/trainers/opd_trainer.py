@@ -605,7 +605,7 @@ class _OPDTrainerCore(DistillationTrainer):
         logprob_kwargs = {
             "temperature": self.distillation_temperature,
             "vocab_size": self._loss_vocab_size,
-            "chunk_size": args.loss_chunk_size,
+            "chunk_size": self._loss_chunk_tokens(len(token_ids), student_head),
         }
         student_logprobs = chunked_token_logprobs(student_hidden[valid], student_head, token_ids, **logprob_kwargs)
         teacher_logprobs = chunked_token_logprobs(teacher_hidden[valid], teacher_head, token_ids, **logprob_kwargs)
@@ -649,14 +649,15 @@ class _OPDTrainerCore(DistillationTrainer):
 
     def _stash_diagnostics(self, valid, student_hidden, teacher_hidden, student_head, teacher_head) -> None:
         """`overlap_stats`, TIP quadrant shares and loss-support masses of the valid tokens, in one no-grad pass of
-        `loss_chunk_size` tokens at a time, at T_d; stashed as (sum, count) so they are averaged over processes."""
+        `_loss_chunk_tokens` tokens at a time, at T_d; stashed as (sum, count) so they are averaged over processes."""
         args, temperature = self.args, self.distillation_temperature
         overlap = OverlapAccumulator(k=args.diagnostics_top_k, temperature=temperature)
         need_quadrants = args.token_selection == "none"  # otherwise `_tip_weights` stashed them from its own pass
         student_rows, teacher_rows = student_hidden[valid], teacher_hidden[valid]
         entropy, divergence, support_mass = [], [], ([], [])
-        for start in range(0, student_rows.shape[0], args.loss_chunk_size):
-            rows = slice(start, start + args.loss_chunk_size)
+        chunk = self._loss_chunk_tokens(student_rows.shape[0], student_head)
+        for start in range(0, student_rows.shape[0], chunk):
+            rows = slice(start, start + chunk)
             student_logits = head_logits(student_rows[rows], student_head, self._loss_vocab_size)
             teacher_logits = head_logits(teacher_rows[rows], teacher_head, self._loss_vocab_size)
             student_entropy = overlap.update(student_logits, teacher_logits)  # H(p_S) at T_d, as TIP scores it
@@ -805,11 +806,12 @@ class _OPDTrainerCore(DistillationTrainer):
             "softcap": student_head.softcap,
             "teacher_softcap": teacher_head.softcap,
             "vocab_size": self._loss_vocab_size,
-            "chunk_size": self.args.loss_chunk_size,
         }
 
     def _loss_chunk_tokens(self, num_tokens: int, student_head: OutputHead) -> int:
-        """Tokens per chunk of the analytic loss: at most `loss_chunk_size`, and few enough that one chunk's
+        """Tokens per chunk of every pass over the LM heads at the completion tokens (the analytic loss, the
+        checkpointed path's entropy log, sampled-token and evidence log-probs, the diagnostics): at most
+        `loss_chunk_size`, and few enough that one chunk's
         [tokens, V] logits hold no more entries than the vocabulary tile TRL's `ChunkedDivergenceFunction` holds
         for the same batch, min(N, 4,096) × min(V, 32,768). The full-vocabulary softmax of the fused loss cannot
         tile the vocabulary, so above 32,768 entries it splits the N tokens about V / 32,768 ways instead.
@@ -849,9 +851,9 @@ class _OPDTrainerCore(DistillationTrainer):
     @torch.no_grad()
     def _student_entropy(self, student_hidden, student_head) -> torch.Tensor:
         pieces = []
-        for start in range(0, student_hidden.shape[0], self.args.loss_chunk_size):
-            logits = head_logits(student_hidden[start : start + self.args.loss_chunk_size], student_head,
-                                 self._loss_vocab_size)
+        chunk = self._loss_chunk_tokens(student_hidden.shape[0], student_head)
+        for start in range(0, student_hidden.shape[0], chunk):
+            logits = head_logits(student_hidden[start : start + chunk], student_head, self._loss_vocab_size)
             pieces.append(entropy_from_logits(logits, self.distillation_temperature))  # 0·log 0 = 0 at −inf logits
         return torch.cat(pieces) if pieces else student_hidden.new_zeros(0, dtype=torch.float32)
 
@@ -860,7 +862,7 @@ class _OPDTrainerCore(DistillationTrainer):
         logprob_kwargs = {
             "temperature": self.distillation_temperature,
             "vocab_size": self._loss_vocab_size,
-            "chunk_size": self.args.loss_chunk_size,
+            "chunk_size": self._loss_chunk_tokens(student_hidden.shape[0], student_head),
         }
         student_logprobs = chunked_token_logprobs(student_hidden, student_head, token_ids, **logprob_kwargs)
         with torch.no_grad():
