@@ -722,9 +722,14 @@ class _OPDTrainerCore(DistillationTrainer):
         mean over all selected tokens, not the mean of per-process means (they differ when processes select
         different numbers of tokens). With one process it is the micro-batch weighted mean."""
         local = loss_mask.float().sum() if weights is None else (loss_mask.float() * weights.float()).sum()
-        total = self.accelerator.gather(local.detach().reshape(1)).sum()
-        normaliser = (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
+        normaliser = self._mean_over_processes(local)
         return token_loss_coefficients(loss_mask, weights, reduction="token_mean", num_items=normaliser)
+
+    def _mean_over_processes(self, local: torch.Tensor) -> torch.Tensor:
+        """(Σ over processes of `local`) / num_processes, at least the smallest positive float32: the per-process
+        normaliser that makes DDP's gradient average a mean over the tokens (or segments) of every process."""
+        total = self.accelerator.gather(local.detach().reshape(1)).sum()
+        return (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
 
     def _divergence_kwargs(self) -> dict:
         args = self.args

@@ -315,8 +315,7 @@ class SimCTTrainer(OPDTrainer):
         if reduction == "weighted_mean" and training:  # Σ w·n over every process at this micro-step
             counts = (batch.segments[:, 2] - batch.segments[:, 1]).float()
             local = counts.sum() if weights is None else (counts * weights.float()).sum()
-            total = self.accelerator.gather(local.reshape(1)).sum()
-            num_items = (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
+            num_items = self._mean_over_processes(local)
         coefficients = segment_loss_coefficients(
             batch.segments, row_tokens, weights, reduction=reduction, num_items=num_items
         )
