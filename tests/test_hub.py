@@ -7,7 +7,7 @@ from unittest import mock
 import pytest
 from huggingface_hub import ModelCard
 
-from trl_opd.hub import CARD_FILE, RESULTS_FILE, eval_results, push_to_hub, write_model_card
+from trl_opd.eval.hub import CARD_FILE, RESULTS_FILE, eval_results, push_to_hub, write_model_card
 
 
 def summary(aime24_avg=0.4, n=16):
@@ -124,7 +124,7 @@ def test_push_uploads_the_folder_with_the_right_arguments(tmp_path):
 
 def test_push_only_the_card_builds_its_client_from_the_token(tmp_path):
     write_model_card(tmp_path, summary())
-    with mock.patch("trl_opd.hub.HfApi") as client_class:
+    with mock.patch("trl_opd.eval.hub.HfApi") as client_class:
         push_to_hub(tmp_path, "me/m", token="hf_x", only_card=True, commit_message="results", create_pr=True)
     client_class.assert_called_once_with(token="hf_x")
     upload = client_class.return_value.upload_folder

@@ -186,7 +186,7 @@ def main(
     print(markdown_table(summary))
     print(f"Results written to {output_dir}/ (summary.json, results.md, samples/).")
     if args.push_to_hub:
-        from trl_opd.hub import push_to_hub, write_model_card
+        from trl_opd.eval.hub import push_to_hub, write_model_card
 
         model_folder = Path(args.model)
         write_model_card(

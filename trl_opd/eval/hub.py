@@ -19,14 +19,15 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
+from trl_opd.eval.benchmarks import BENCHMARKS
+from trl_opd.eval.report import json_safe, markdown_table, metric_names
+
 RESULTS_FILE = "eval_results.json"
 CARD_FILE = "README.md"
 _START, _END = "<!-- trl_opd:eval-results:start -->", "<!-- trl_opd:eval-results:end -->"
 
 
 def _dataset_reference(benchmark: str) -> dict:
-    from trl_opd.eval.benchmarks import BENCHMARKS
-
     info = BENCHMARKS.get(benchmark)
     if info is None:
         return {"dataset_type": benchmark, "dataset_name": benchmark}
@@ -43,8 +44,6 @@ def eval_results(summary: dict) -> list[EvalResult]:
 
     Values are percentages rounded to 0.01; ``metric_args`` records the sampling settings and the standard error.
     """
-    from trl_opd.eval.report import metric_names
-
     settings = summary.get("settings", {})
     recorded = {
         key: settings[key]
@@ -79,8 +78,6 @@ def _merge(old: list[EvalResult] | None, new: list[EvalResult]) -> list[EvalResu
 
 
 def _results_section(summary: dict) -> str:
-    from trl_opd.eval.report import markdown_table
-
     return f"{_START}\n## Evaluation results\n\n{markdown_table(summary)}\nFull results: `{RESULTS_FILE}`.\n{_END}"
 
 
@@ -123,8 +120,6 @@ def write_model_card(
     data.tags = list(dict.fromkeys([*(data.tags or []), "trl-opd", *(tags or [])]))
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{_with_section(card.text, _results_section(summary))}")
     card.save(folder / CARD_FILE)
-    from trl_opd.eval.report import json_safe
-
     (folder / RESULTS_FILE).write_text(json.dumps(json_safe(summary), indent=2) + "\n", encoding="utf-8")
     return card
 
