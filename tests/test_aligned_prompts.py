@@ -1,4 +1,5 @@
-"""Teacher-aligned prompts (methods.md §7.3): the template, the per-row mixing draw, and OPDTrainer's use of them."""
+"""Teacher-aligned prompts (methods.md §7.3): the template, the dataset mix, and OPDTrainer's use of them (the per-row
+draw itself: test_rows.py)."""
 
 import copy
 
@@ -13,11 +14,10 @@ from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers.aligned_prompts import (
     BOXED,
     aligned_prompt,
-    aligned_rows,
     mix_prompt_datasets,
     resolve_aligned_prompt_template,
 )
-from trl_opd.trainers.self_distillation import guided_rows
+from trl_opd.trainers.rows import ALIGNED_STREAM, seeded_rows
 
 SUFFIX = " Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -33,32 +33,6 @@ def test_template_formats_strings_and_the_last_user_message():
     formatted = aligned_prompt(conversation, template)
     assert formatted[:3] == conversation[:3] and formatted[3] == {"role": "user", "content": "And 4+4?" + SUFFIX}
     assert conversation[3]["content"] == "And 4+4?"  # the row's prompt is not modified in place
-
-
-def test_aligned_rows_is_a_function_of_seed_step_and_global_row():
-    whole = aligned_rows(0.3, seed=7, step=5, first_row=0, num_rows=12)
-    # Two processes holding 6 rows each draw exactly the whole batch's decisions.
-    assert aligned_rows(0.3, seed=7, step=5, first_row=0, num_rows=6) + aligned_rows(
-        0.3, seed=7, step=5, first_row=6, num_rows=6) == whole
-    assert aligned_rows(0.3, seed=7, step=5, first_row=0, num_rows=12) == whole  # no hidden RNG state
-    assert aligned_rows(0.3, seed=7, step=6, first_row=0, num_rows=400) != aligned_rows(
-        0.3, seed=7, step=5, first_row=0, num_rows=400)
-    assert aligned_rows(0.3, seed=8, step=5, first_row=0, num_rows=400) != aligned_rows(
-        0.3, seed=7, step=5, first_row=0, num_rows=400)
-    # The formula: row r is aligned iff its uniform draw from (seed, step, r, salt) is below the ratio.
-    from trl_opd.trainers.aligned_prompts import _ALIGNED_STREAM
-    expected = [np.random.default_rng([7, 5, row, _ALIGNED_STREAM]).random() < 0.3 for row in range(12)]
-    assert whole == expected
-
-
-def test_aligned_rows_share_and_extremes_and_independence_from_guided_rows():
-    draws = np.array(aligned_rows(0.3, seed=0, step=3, first_row=0, num_rows=20_000))
-    assert draws.mean() == pytest.approx(0.3, abs=0.015)  # ±4.6 standard errors
-    assert aligned_rows(0.0, seed=0, step=0, first_row=0, num_rows=5) == [False] * 5
-    assert aligned_rows(1.0, seed=0, step=0, first_row=0, num_rows=5) == [True] * 5
-    guided = np.array(guided_rows(0.3, seed=0, step=3, first_row=0, num_rows=20_000))
-    both = (draws & guided).mean()
-    assert both == pytest.approx(0.09, abs=0.01)  # independent draws: 0.3 × 0.3, not 0.3
 
 
 def test_mix_prompt_datasets_is_seeded_and_checks_the_ratio():
@@ -98,7 +72,7 @@ def test_trainer_formats_the_drawn_training_rows_for_student_and_teacher(student
     trainer.state.global_step = 4
     trainer.model.train()
     batch = trainer._generate_and_score_completions(rows)
-    chosen = aligned_rows(0.5, seed=1, step=4, first_row=0, num_rows=8)
+    chosen = seeded_rows(0.5, seed=1, step=4, first_row=0, num_rows=8, stream=ALIGNED_STREAM)
     assert 0 < sum(chosen) < 8
     for row, prompt, is_aligned in zip(rows, decoded_prompts(trainer, batch), chosen):
         assert prompt == (row["prompt"] + SUFFIX if is_aligned else row["prompt"])

@@ -15,9 +15,9 @@ from test_opd_trainer import student, tokenizer  # noqa: F401  (module fixtures:
 from tiny import cpu_args, prompt_dataset, save_tiny
 from trl_opd import OPDConfig, OPDTrainer
 from trl_opd.trainers import opd_trainer as opd_module
+from trl_opd.trainers.rows import GUIDED_STREAM, seeded_rows
 from trl_opd.trainers.self_distillation import (
     OPSD_V2,
-    guided_rows,
     render_teacher_prompt,
     resolve_teacher_prompt_template,
     teacher_prompt,
@@ -67,17 +67,6 @@ def test_conversational_teacher_prompt_replaces_the_last_user_message():
     assert built == [{"role": "system", "content": "sys"}, {"role": "user", "content": "What is 2+2? (ref: 4)"}]
     assert conversation[1]["content"] == "What is 2+2?"  # the student's prompt is untouched
     assert teacher_prompt("Q", "A", "{problem}|{context}", problem="P") == "P|A"
-
-
-def test_guided_rows_depend_only_on_seed_step_and_global_row():
-    whole = guided_rows(0.3, seed=7, step=5, first_row=0, num_rows=8)
-    split = guided_rows(0.3, seed=7, step=5, first_row=0, num_rows=4) + guided_rows(0.3, seed=7, step=5,
-                                                                                    first_row=4, num_rows=4)
-    assert whole == split  # the same rows are guided whatever the number of processes
-    many = guided_rows(0.3, seed=7, step=5, first_row=0, num_rows=4000)
-    assert abs(np.mean(many) - 0.3) < 0.03
-    assert many != guided_rows(0.3, seed=7, step=6, first_row=0, num_rows=4000)
-    assert not any(guided_rows(0.0, seed=7, step=5, first_row=0, num_rows=50))
 
 
 # ---------------------------------------------------------------- the teacher's prompt and alignment
@@ -198,7 +187,7 @@ def test_guided_rows_generate_from_the_privileged_prompt_but_train_on_the_plain_
     monkeypatch.setattr(opd_module.DistillationTrainer, "_generate_single_turn", spy)
     trainer.state.global_step = 3
     batch = first_batch(trainer, rows=8)
-    expected = guided_rows(0.5, seed=0, step=3, first_row=0, num_rows=8)
+    expected = seeded_rows(0.5, seed=0, step=3, first_row=0, num_rows=8, stream=GUIDED_STREAM)
     assert batch["is_guided"].tolist() == expected and 0 < sum(expected) < 8
     teacher_ids = [row[m.bool()].tolist() for row, m in zip(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])]
     student_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]

@@ -2,8 +2,9 @@ r"""Teacher-aligned prompts (methods.md §7.3, arXiv 2604.13016 §5): the dynami
 
 Pure Python (no trainer state). Template alignment formats a training prompt the way the teacher was trained
 (its RL template), for both the student's rollout and the teacher's scoring; :class:`OPDTrainer` applies it to a
-share ``aligned_prompt_ratio`` of the training prompts, chosen per row by :func:`aligned_rows`. Content alignment
-(the teacher's own RL prompts mixed with other prompts) is a choice of dataset: :func:`mix_prompt_datasets`.
+share ``aligned_prompt_ratio`` of the training prompts, chosen per row by :func:`~trl_opd.trainers.rows.seeded_rows`
+(stream ``ALIGNED_STREAM``). Content alignment (the teacher's own RL prompts mixed with other prompts) is a choice of
+dataset: :func:`mix_prompt_datasets`.
 
 Template syntax: ``{problem}`` is replaced by the prompt's text (one pass); every other brace is literal, so LaTeX
 such as ``\boxed{}`` needs no escaping.
@@ -14,8 +15,6 @@ from __future__ import annotations
 import copy
 import re
 
-import numpy as np
-
 from .self_distillation import _last_user_index, prompt_problem
 
 # The teacher's RL template in the paper's experiments (App. C: JustRL / DAPO / Qwen3 math RL).
@@ -23,8 +22,6 @@ BOXED = "{problem} Please reason step by step, and put your final answer within 
 ALIGNED_PROMPT_TEMPLATES = {"boxed": BOXED}
 
 _PROBLEM = re.compile(r"\{problem\}")
-# Salt of the per-row draw: keeps it independent of EDGE-OPD's guided-row draw, which uses (seed, step, row).
-_ALIGNED_STREAM = 0x616C6E
 
 
 def resolve_aligned_prompt_template(template: str) -> str:
@@ -49,24 +46,6 @@ def aligned_prompt(prompt, template: str):
     conversation = copy.deepcopy(prompt)
     conversation[_last_user_index(conversation)]["content"] = rendered
     return conversation
-
-
-def aligned_rows(ratio: float, *, seed: int, step: int, first_row: int, num_rows: int) -> list[bool]:
-    """Which rows get the teacher-aligned template: row r with probability ``ratio``.
-
-    Each decision is a function of (seed, step, global row index) only, so every process agrees and the result does
-    not depend on the process layout, on the global RNG state or on earlier draws. ``first_row`` is the global index
-    of the first of the ``num_rows`` local rows (process index × local batch size). ``ratio`` 1 keeps every row,
-    0 none.
-    """
-    if ratio <= 0.0:
-        return [False] * num_rows
-    if ratio >= 1.0:
-        return [True] * num_rows
-    return [
-        bool(np.random.default_rng([seed, step, first_row + row, _ALIGNED_STREAM]).random() < ratio)
-        for row in range(num_rows)
-    ]
 
 
 def mix_prompt_datasets(aligned, other, ratio: float, *, seed: int = 0):

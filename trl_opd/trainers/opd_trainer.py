@@ -48,13 +48,14 @@ from ..losses import (
     top_k_mass,
 )
 from ..weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
-from .aligned_prompts import aligned_prompt, aligned_rows
+from .aligned_prompts import aligned_prompt
 from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
-from .self_distillation import SELF_TEACHER, guided_rows, teacher_prompt
+from .rows import ALIGNED_STREAM, GUIDED_STREAM, seeded_rows
+from .self_distillation import SELF_TEACHER, teacher_prompt
 from .teacher import check_teacher_init_kwargs, load_teacher, model_config, prepare_teacher, try_tokenizer
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
@@ -350,12 +351,13 @@ class _OPDTrainerCore(DistillationTrainer):
     def _align_prompts(self, inputs) -> list:
         """Teacher-aligned prompts (methods.md §7.3): this process's rows, a share `aligned_prompt_ratio` of them with
         `aligned_prompt_template` applied (student and teacher see the same formatted prompt); logs the share."""
-        chosen = aligned_rows(
+        chosen = seeded_rows(
             self.args.aligned_prompt_ratio,
             seed=self.args.seed,
             step=self.state.global_step,
             first_row=self.accelerator.process_index * len(inputs),
             num_rows=len(inputs),
+            stream=ALIGNED_STREAM,
         )
         template = self.args.aligned_prompt_template
         rows = [{**row, "prompt": aligned_prompt(row["prompt"], template)} if aligned else row
@@ -425,12 +427,13 @@ class _OPDTrainerCore(DistillationTrainer):
         """EDGE-OPD: which of this process's rows are generated from the privileged prompt (student rollouts only)."""
         if self._rollout_source != "student":
             return [False] * num_rows
-        return guided_rows(
+        return seeded_rows(
             self.args.guided_fraction,
             seed=self.args.seed,
             step=self.state.global_step,
             first_row=self.accelerator.process_index * num_rows,
             num_rows=num_rows,
+            stream=GUIDED_STREAM,
         )
 
     def _dataset_completion_ids(self) -> list[list[int]]:

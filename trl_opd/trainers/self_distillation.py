@@ -1,7 +1,8 @@
 r"""Privileged teacher prompts for self-distillation (OPSD, PW-OPSD, EDGE-OPD): templates and row-level helpers.
 
 Pure Python (no trainer state): :class:`OPDTrainer` calls these to build the teacher's prompt from a dataset row
-(methods.md §0.9, §2.3) and to decide which rows get a guided rollout (§5.2).
+(methods.md §0.9, §2.3); which rows get an EDGE-OPD guided rollout (§5.2) is drawn by
+:func:`~trl_opd.trainers.rows.seeded_rows`.
 
 Template syntax: the placeholders ``{problem}``, ``{solution}`` and ``{context}`` are replaced in one pass (the
 text substituted in is never scanned again); every other brace is literal, so LaTeX such as ``\boxed{}`` needs no
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import re
-
-import numpy as np
 
 SELF_TEACHER = "self"
 
@@ -106,17 +105,3 @@ def teacher_prompt(prompt, context: str, template: str, problem: str | None = No
     conversation = copy.deepcopy(prompt)
     conversation[_last_user_index(conversation)]["content"] = rendered
     return conversation
-
-
-def guided_rows(fraction: float, *, seed: int, step: int, first_row: int, num_rows: int) -> list[bool]:
-    """EDGE-OPD guided-rollout decisions (methods.md §5.2): row r is guided with probability ``fraction``.
-
-    Each decision is a function of (seed, step, global row index) only, so it does not depend on the process that
-    holds the row, on the global RNG state or on how many rows were drawn before. ``first_row`` is the global index
-    of the first of the ``num_rows`` local rows (process index × local batch size).
-    """
-    if fraction <= 0.0:
-        return [False] * num_rows
-    return [
-        bool(np.random.default_rng([seed, step, first_row + row]).random() < fraction) for row in range(num_rows)
-    ]
