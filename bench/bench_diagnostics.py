@@ -1,7 +1,7 @@
 """Cost of OPDTrainer's diagnostics pass (`diagnostics_steps`) next to the loss it rides along with.
 
 The loss phase of one micro-batch (fused reverse-KL loss, forward + backward) and the diagnostics pass
-(`_OPDTrainerCore._stash_diagnostics`: overlap_stats, TIP quadrant shares) on the same random hidden states and LM
+(`OPDObjective.diagnose`: overlap_stats, TIP quadrant shares) on the same random hidden states and LM
 heads, at a real vocabulary size. Only these two phases are timed: generation and the model forwards, which
 dominate a real step, are left out, so the ratio is an upper bound on the overhead of a step where it is due.
 
@@ -13,26 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from types import SimpleNamespace
 
 import torch
 
-from trl_opd.losses import fused_divergence_loss
-from trl_opd.trainers.lm_head import OutputHead
-from trl_opd.trainers.opd_trainer import _OPDTrainerCore
-
-
-def bare_trainer(chunk_size: int, top_k: int) -> _OPDTrainerCore:
-    """Just the attributes `_stash_diagnostics` reads (no model, no Trainer machinery)."""
-    trainer = _OPDTrainerCore.__new__(_OPDTrainerCore)
-    trainer.args = SimpleNamespace(
-        diagnostics_top_k=top_k, loss_chunk_size=chunk_size, token_selection="none", loss_top_k=None,
-        loss_top_k_source="student", loss_top_k_tail=False, divergence="reverse_kl", beta=0.5, alpha=0.1, clip=None,
-    )
-    trainer.distillation_temperature = 1.0
-    trainer._loss_vocab_size = None
-    trainer._loss_stats = {}
-    return trainer
+from trl_opd.losses import OutputHead, fused_divergence_loss
+from trl_opd.objective import ChunkPolicy, CompletionBatch, Diagnostics, LocalTeacher, OPDObjective
 
 
 def best_of(repeats: int, function) -> float:
@@ -60,9 +45,14 @@ def main() -> None:
     student_hidden = torch.randn(args.tokens, args.hidden, requires_grad=True)
     teacher_hidden = torch.randn(args.tokens, args.hidden)
     coefficients = torch.full((args.tokens,), 1.0 / args.tokens)
-    trainer = bare_trainer(args.chunk_size, args.top_k)
-    heads = [OutputHead(weight, None, 1.0, None) for weight in (student_weight, teacher_weight)]
-    valid = torch.ones(1, args.tokens, dtype=torch.bool)
+    objective = OPDObjective(chunks=ChunkPolicy(loss_chunk_size=args.chunk_size), diagnostics=Diagnostics(args.top_k))
+    batch = CompletionBatch(
+        valid=torch.ones(1, args.tokens, dtype=torch.bool),
+        completion_ids=torch.zeros(1, args.tokens, dtype=torch.long),
+        student_hidden=student_hidden.detach()[None],
+        student_head=OutputHead(student_weight.detach()),
+        teacher=LocalTeacher(teacher_hidden[None], OutputHead(teacher_weight)),
+    )
 
     def loss_step():
         loss, _, _ = fused_divergence_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
@@ -70,8 +60,7 @@ def main() -> None:
         loss.backward()
 
     def diagnostics():
-        with torch.no_grad():
-            trainer._stash_diagnostics(valid, student_hidden.detach()[None], teacher_hidden[None], *heads)
+        objective.diagnose(batch)
 
     loss_seconds = best_of(args.repeats, loss_step)
     diagnostics_seconds = best_of(args.repeats, diagnostics)
@@ -80,7 +69,7 @@ def main() -> None:
         "top_k": args.top_k, "threads": torch.get_num_threads(),
         "loss_forward_backward_s": round(loss_seconds, 3), "diagnostics_s": round(diagnostics_seconds, 3),
         "ratio": round(diagnostics_seconds / loss_seconds, 3),
-        "logged": {name: round((total / count).item(), 5) for name, (total, count) in trainer._loss_stats.items()},
+        "logged": {name: round((total / count).item(), 5) for name, (total, count) in objective.diagnose(batch).items()},
     }
     print(json.dumps(result, indent=1))
     if args.output:

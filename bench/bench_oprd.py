@@ -345,15 +345,15 @@ def testbed_job(job: dict) -> dict:
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    logged = [entry for entry in trainer.state.log_history if "oprd/loss" in entry or "divergence" in entry]
+    logged = [entry for entry in trainer.state.log_history if "oprd/loss" in entry or "opd/divergence" in entry]
     result = {
         **job,
         "accuracy": testbed.accuracy(trainer.model, tokenizer, testbed.heldout_problems(prepared["task"])),
         "train_seconds": seconds,
-        "first_logged": {key: logged[0].get(key) for key in ("oprd/loss", "divergence")} if logged else None,
-        "last_logged": {key: logged[-1].get(key) for key in ("oprd/loss", "divergence")} if logged else None,
+        "first_logged": {key: logged[0].get(key) for key in ("oprd/loss", "opd/divergence")} if logged else None,
+        "last_logged": {key: logged[-1].get(key) for key in ("oprd/loss", "opd/divergence")} if logged else None,
         "trajectory": [
-            {key: entry.get(key) for key in ("step", "divergence", "oprd/loss", "entropy")} for entry in logged
+            {key: entry.get(key) for key in ("step", "opd/divergence", "oprd/loss", "entropy")} for entry in logged
         ],
     }
     print(json.dumps(result), flush=True)
@@ -441,7 +441,7 @@ def testbed_markdown(report: dict) -> str:
                 return "–"
             return f"{first[key]:.3f} → {last[key]:.3f}"
 
-        lines.append(f"| {run['teacher']}/{run['method']} | {run['seed']} | {arrow('divergence')} "
+        lines.append(f"| {run['teacher']}/{run['method']} | {run['seed']} | {arrow('opd/divergence')} "
                      f"| {arrow('oprd/loss')} |")
     return "\n".join(lines) + "\n"
 

@@ -11,14 +11,11 @@ distillation seed 0), logging every 20 steps, accuracy on the first 100 held-out
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
+from bench_oprd import same_backbone_teacher  # the script's folder is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_oprd import same_backbone_teacher  # noqa: E402
-
-from trl_opd import OPDConfig, OPDTrainer, testbed  # noqa: E402
+from trl_opd import OPDConfig, OPDTrainer, testbed
 
 
 def main() -> None:
@@ -45,8 +42,8 @@ def main() -> None:
     start = time.time()
     trainer.train()
     for entry in trainer.state.log_history:
-        if "divergence" in entry or "oprd/loss" in entry:
-            print({key: entry.get(key) for key in ("step", "divergence", "oprd/loss", "entropy", "grad_norm")})
+        if "opd/divergence" in entry or "oprd/loss" in entry:
+            print({key: entry.get(key) for key in ("step", "opd/divergence", "oprd/loss", "entropy", "grad_norm")})
     accuracy = testbed.accuracy(trainer.model, tokenizer, testbed.heldout_problems(prepared["task"])[:100])
     print(f"accuracy {accuracy:.2f} ({time.time() - start:.0f} s)")
 

@@ -21,10 +21,12 @@ from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
 class RecordingTrainer(OPDTrainer):
     records: list
 
-    def _cross_process_weighted_mean(self, loss_mask, weights):
-        coefficients = super()._cross_process_weighted_mean(loss_mask, weights)
-        self.records.append([coefficients.sum().item(), (loss_mask * weights).sum().item()])
-        return coefficients
+    def _mean_over_processes(self, local):
+        """`weighted_mean` asks for the normaliser of its local Σ w·m (the selected tokens: TIP's weights are 0/1);
+        its coefficients w·m / normaliser then sum to local / normaliser."""
+        normaliser = super()._mean_over_processes(local)
+        self.records.append([(local / normaliser).item(), local.item()])
+        return normaliser
 
 
 def main(output_path: str) -> None:
@@ -41,7 +43,7 @@ def main(output_path: str) -> None:
     if trainer.accelerator.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         result = {"num_processes": trainer.accelerator.num_processes, "records": records, "losses": losses,
-                  "selected_ratio": [e["selected_ratio"] for e in trainer.state.log_history if "selected_ratio" in e]}
+                  "selected_ratio": [e["opd/selected_ratio"] for e in trainer.state.log_history if "opd/selected_ratio" in e]}
         Path(output_path).write_text(json.dumps(result))
 
 

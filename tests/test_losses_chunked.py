@@ -250,11 +250,11 @@ def test_closed_form_chunk_equals_autograd_chunk(divergence, beta, temperature, 
         _closed_form_chunk,
         _divergence_options,
         _has_closed_form_gradient,
-        _Head,
+        OutputHead,
     )
 
     inputs = make_inputs(seed=60, bias=True)
-    student = _Head(inputs["student_head"].detach(), inputs["student_bias"].detach(), softcap, V)
+    student = OutputHead(inputs["student_head"].detach(), inputs["student_bias"].detach(), softcap, vocab_size=V)
     teacher_logits = inputs["teacher_hidden"] @ inputs["teacher_head"].T + inputs["teacher_bias"]
     coefficients = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     coefficients[[0, 4]] = 0.0

@@ -73,16 +73,16 @@ def test_logs_divergence_entropy_and_length(student, teacher, tokenizer, tmp_pat
     trainer = opd(student, teacher, tokenizer, tmp_path)
     trainer.train()
     first = trainer.state.log_history[0]
-    for key in ("loss", "divergence", "entropy", "completions/mean_length", "rollout/on_policy"):
+    for key in ("loss", "opd/divergence", "entropy", "completions/mean_length", "rollout/on_policy"):
         assert key in first, key
-    assert first["divergence"] == pytest.approx(first["loss"], rel=1e-5)  # uniform weights, token_mean, GA 1
+    assert first["opd/divergence"] == pytest.approx(first["loss"], rel=1e-5)  # uniform weights, token_mean, GA 1
 
 
 def test_training_lowers_divergence(student, teacher, tokenizer, tmp_path):
     trainer = opd(student, teacher, tokenizer, tmp_path, max_steps=25, learning_rate=1e-2, max_completion_length=4,
                   temperature=1.0)
     trainer.train()
-    divergences = [entry["divergence"] for entry in trainer.state.log_history if "divergence" in entry]
+    divergences = [entry["opd/divergence"] for entry in trainer.state.log_history if "opd/divergence" in entry]
     assert sum(divergences[-5:]) / 5 < 0.7 * sum(divergences[:5]) / 5
 
 
@@ -209,7 +209,7 @@ def test_sampled_token_estimators_train(student, teacher, tokenizer, tmp_path, e
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     assert all(torch.isfinite(torch.tensor(value)) for value in losses(trainer))
-    assert "kl_k1" in trainer.state.log_history[0]
+    assert "opd/kl_k1" in trainer.state.log_history[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 

@@ -5,6 +5,7 @@ The DDP test launches this file as a script under `accelerate launch` (2 CPU pro
 """
 
 import copy
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -246,15 +247,16 @@ def test_loss_equals_brute_force_in_every_mode(student, teacher, tokenizer, tmp_
 
 
 def record_representation_inputs(trainer):
-    """Wrap `_representation_loss` to keep the (unprojected) states it receives."""
+    """Wrap the objective's OPRD term to keep the (unprojected) states it receives."""
     recorded = {}
-    original = trainer._representation_loss
+    term = trainer.objective.representation
 
-    def spy(student_states, teacher_states, position_mask):
-        recorded.update(student=student_states, teacher=teacher_states, mask=position_mask)
-        return original(student_states, teacher_states, position_mask)
+    class RecordingTerm(type(term)):
+        def __call__(self, states, stats):
+            recorded.update(student=states.student, teacher=states.teacher, mask=states.position_mask)
+            return super().__call__(states, stats)
 
-    trainer._representation_loss = spy
+    trainer.objective = dataclasses.replace(trainer.objective, representation=RecordingTerm(**vars(term)))
     return recorded
 
 
@@ -309,7 +311,7 @@ def test_combined_mode_with_the_student_as_teacher_is_exactly_zero(student, toke
     loss = trainer.compute_loss(trainer.model, fixed_batch(trainer))
     loss.backward()
     assert loss.item() == 0.0
-    assert trainer._metrics["train"]["oprd/loss"][-1] == 0.0 and trainer._metrics["train"]["divergence"][-1] == 0.0
+    assert trainer._metrics["train"]["oprd/loss"][-1] == 0.0 and trainer._metrics["train"]["opd/divergence"][-1] == 0.0
     assert all(p.grad is None or p.grad.abs().max() == 0 for p in trainer.model.parameters())
 
 

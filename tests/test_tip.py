@@ -16,7 +16,7 @@ import torch
 from test_opd_trainer import student, teacher, tokenizer  # noqa: F401  (module fixtures: tiny tokenizer and models)
 from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset
 from trl_opd import OPDConfig, OPDTrainer
-from trl_opd.trainers import opd_trainer as opd_module
+from trl_opd import objective as objective_module
 
 RATIO = 0.5
 
@@ -105,6 +105,12 @@ def reference_position_weights(length, w_min=0.25, tau=0.30, slope=0.10, decreas
     return np.array(weights)
 
 
+def token_weights(trainer, batch, student_hidden, teacher_hidden):
+    """The weights the trainer's objective gives these hidden states (no gradient), with the trainer's seed."""
+    completion = trainer._completion_batch(trainer.model, batch, student_hidden, teacher_hidden)
+    return trainer.objective.token_weights(completion, selection_seed=trainer._selection_seed())
+
+
 def weighted_mean(rows, weights):
     """Σ w·ℓ / Σ w over all tokens of the batch (the `weighted_mean` reduction, reverse KL)."""
     numerator = sum((w * r["reverse_kl"]).sum() for r, w in zip(rows, weights))
@@ -120,13 +126,13 @@ def test_tip_loss_is_the_mean_over_the_brute_force_selection(student, teacher, t
     trainer = make_trainer(student, teacher, tokenizer, tmp_path, token_selection=f"tip_{strategy}",
                            token_ratio=RATIO, loss_reduction="weighted_mean")
     rows_in_gradient_pass = []
-    original = opd_module.fused_divergence_loss
+    original = objective_module.fused_divergence_loss
 
     def spy(student_hidden, *args, **kwargs):
         rows_in_gradient_pass.append(student_hidden.shape[0])
         return original(student_hidden, *args, **kwargs)
 
-    monkeypatch.setattr(opd_module, "fused_divergence_loss", spy)
+    monkeypatch.setattr(objective_module, "fused_divergence_loss", spy)
     batch, loss = batch_and_loss(trainer)
     rows = reference_rows(trainer, batch)
     selection = reference_tip_selection(rows, strategy)
@@ -146,10 +152,7 @@ def test_entropy_sampling_is_seeded_from_seed_and_step(student, teacher, tokeniz
 
     def selection(step):
         trainer.state.global_step = step
-        head = opd_module.output_head(trainer.model)
-        teacher_head = opd_module.output_head(trainer.teacher_model)
-        with torch.no_grad():
-            return trainer._token_weights(batch, mask, hidden, torch.randn(*mask.shape, 48), head, teacher_head)
+        return token_weights(trainer, batch, hidden, torch.randn(*mask.shape, 48))
 
     first, again, later = selection(3), selection(3), selection(4)
     torch.testing.assert_close(first, again)  # a function of (seed, step): every process draws the same tokens
@@ -166,10 +169,7 @@ def test_importance_weighted_entropy_sampling_uses_inverse_inclusion_weights(stu
     batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
     hidden = trainer._hidden_states(trainer.model, *trainer._student_sequence(batch), batch["completion_ids"].shape[1])
     teacher_hidden = trainer._teacher_hidden_state(batch, batch["completion_ids"].shape[1])
-    with torch.no_grad():
-        weights = trainer._token_weights(batch, batch["completion_mask"], hidden, teacher_hidden,
-                                         opd_module.output_head(trainer.model),
-                                         opd_module.output_head(trainer.teacher_model))
+    weights = token_weights(trainer, batch, hidden, teacher_hidden)
     rows = reference_rows(trainer, batch)
     for row, reference in enumerate(rows):
         entropy = np.maximum(reference["entropy"], 1e-8)
@@ -185,7 +185,7 @@ def test_tip_run_logs_ratio_and_quadrant_shares(student, teacher, tokenizer, tmp
                            loss_reduction="weighted_mean", max_steps=2)
     trainer.train()
     log = trainer.state.log_history[0]
-    assert 0.35 <= log["selected_ratio"] <= 0.6  # ⌊L/2⌋ of each ragged row (at least one)
+    assert 0.35 <= log["opd/selected_ratio"] <= 0.6  # ⌊L/2⌋ of each ragged row (at least one)
     shares = [log[f"tip/q{k}_share"] for k in range(1, 5)]
     assert sum(shares) == pytest.approx(1.0, abs=1e-6)
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
@@ -284,16 +284,11 @@ def test_config_rejects_bad_selection_and_weighting(tmp_path, overrides, message
 
 def test_scoring_chunk_defaults_to_the_selected_share_of_the_loss_chunk(tmp_path):
     """⌈ρ·c⌉ with c the loss's chunk for all the tokens: loss_chunk_size, or TRL's vocabulary tile when smaller."""
-    from types import SimpleNamespace
-
-    from trl_opd.trainers.opd_trainer import OPDTrainer
 
     def scoring_chunk(vocab, tokens, **overrides):
         args = OPDConfig(output_dir=str(tmp_path), **cpu_args(token_selection="tip_soft_or", token_ratio=0.3,
                                                               loss_chunk_size=1000, **overrides))
-        trainer = SimpleNamespace(args=args, _loss_vocab_size=vocab)
-        trainer._loss_chunk_tokens = OPDTrainer._loss_chunk_tokens.__get__(trainer)
-        return OPDTrainer._scoring_chunk_tokens(trainer, tokens, student_head=None)
+        return objective_module.OPDObjective.from_config(args).chunks.scoring_tokens(tokens, vocab)
 
     assert scoring_chunk(vocab=1000, tokens=5000) == 300  # small vocabulary: the chunk is loss_chunk_size
     assert scoring_chunk(vocab=151_936, tokens=4096) == math.ceil(0.3 * (4096 * 32768 // 151_936))

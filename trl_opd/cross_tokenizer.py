@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from .losses import _weighted_log_ratio
+from .reduction import REDUCTIONS, segment_units, unit_coefficients
 
 SHARED_VOCAB_MODES = ("raw", "decoded")
 SPAN_SCORES = ("logit_mean", "logprob_mean")
@@ -893,7 +894,7 @@ def uld_loss(
 # Per-segment weighting: OPDTrainer's token weighting and reductions, one segment = one loss row
 # ---------------------------------------------------------------------------------------------------------
 
-SEGMENT_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
+SEGMENT_REDUCTIONS = REDUCTIONS  # the same four, from `reduction`
 
 
 def segment_grid(segments: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -998,25 +999,11 @@ def segment_loss_coefficients(
       w = 1 and every token in a segment it equals ``"token_mean_microbatch"``. Pass ``num_items`` to use a
       cross-process Σ w·n instead.
     """
-    if reduction not in SEGMENT_REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; choose one of {SEGMENT_REDUCTIONS}.")
     dtype = torch.float64 if weights is not None and weights.dtype == torch.float64 else torch.float32
-    device = segments.device
-    w = torch.ones(len(segments), dtype=dtype, device=device) if weights is None else weights.detach().to(dtype)
-    row_tokens = row_tokens.to(device=device, dtype=dtype)
-    if reduction == "token_mean":
-        denominator = row_tokens.sum().clamp(min=1) if num_items is None else num_items
-        return w / torch.as_tensor(denominator, dtype=dtype, device=device)
-    if reduction == "token_mean_microbatch":
-        return w / row_tokens.sum().clamp(min=1)
-    if reduction == "weighted_mean":
-        total = (w * (segments[:, 2] - segments[:, 1]).to(dtype)).sum() if num_items is None else num_items
-        total = torch.as_tensor(total, dtype=dtype, device=device)
-        return w / total if bool(total > 0) else torch.zeros_like(w)
-    if num_sequences is None:
-        num_sequences = (row_tokens > 0).sum().clamp(min=1)
-    num_sequences = torch.as_tensor(num_sequences, dtype=dtype, device=device)
-    return w / (row_tokens[segments[:, 0]].clamp(min=1) * num_sequences)
+    rows, tokens = segment_units(segments)
+    return unit_coefficients(
+        reduction, rows, tokens, row_tokens, weights, num_items=num_items, num_sequences=num_sequences, dtype=dtype
+    )
 
 
 @torch.no_grad()

@@ -38,6 +38,8 @@ OVERLAP_KEYS = (
     "overlap_advantage",
 )
 DIAGNOSTICS_PREFIX = "diagnostics/"
+# TIP's quadrant shares: logged once, under TIP's own names, by TIP's scoring pass or (TIP off) the diagnostics pass.
+QUADRANT_KEYS = tuple(f"tip/q{quadrant}_share" for quadrant in range(1, 5))
 
 # Layout of OverlapAccumulator.totals: per-position sums, plus the two counts that divide them.
 _TOTALS = ("num_tokens", *OVERLAP_KEYS, "num_overlapping_tokens")
@@ -227,7 +229,7 @@ def overlap_stats(
 
 
 def _is_diagnostic_key(key: str) -> bool:
-    return key.startswith(DIAGNOSTICS_PREFIX) or key.rsplit("/", 1)[-1] in OVERLAP_KEYS
+    return key.startswith(DIAGNOSTICS_PREFIX) or key in QUADRANT_KEYS or key.rsplit("/", 1)[-1] in OVERLAP_KEYS
 
 
 def _diagnostic_series(log_history: Sequence[Mapping]) -> dict[str, tuple[list, list]]:
@@ -266,8 +268,8 @@ def _png_names(keys: list[str]) -> dict[str, str]:
 def plot_diagnostics(log_history: Sequence[Mapping], out_dir: str | os.PathLike) -> list[str]:
     """Write one PNG line plot per diagnostic in a Trainer's ``state.log_history``.
 
-    Plotted keys: those starting with ``"diagnostics/"`` and those whose last ``/``-component is one of
-    :data:`OVERLAP_KEYS` (e.g. ``"train/overlap_ratio"``). The x axis is the entry's ``"step"`` (or its
+    Plotted keys: those starting with ``"diagnostics/"``, TIP's quadrant shares (:data:`QUADRANT_KEYS`) and those
+    whose last ``/``-component is one of :data:`OVERLAP_KEYS` (e.g. ``"train/overlap_ratio"``). The x axis is the entry's ``"step"`` (or its
     index in the list). Needs matplotlib (``pip install 'trl_opd[plot]'``); pyplot and its global state
     are not used.
 

@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from .reduction import REDUCTIONS, token_units, unit_coefficients
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 ESTIMATORS = ("analytic", "sampled_pg", "k2", "k3", "k3_plus")
 SAMPLED_KL_ESTIMATORS = ("k1", "k2", "k3")
 SAMPLED_LOSS_ESTIMATORS = ("sampled_pg", "k2", "k3", "k3_plus")
 TOP_K_SOURCES = ("student", "teacher", "union")
-REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
 
 _NEG_INF = float("-inf")
 
@@ -356,22 +358,14 @@ def _weighted_mask(mask: torch.Tensor, weights: torch.Tensor | None, dtype: torc
 
 
 def _coefficients(mask, weights, reduction, num_items, num_sequences, dtype) -> torch.Tensor:
-    _check_choice("reduction", reduction, REDUCTIONS)
-    weighted = _weighted_mask(mask, weights, dtype)
-    supervised = mask.detach().to(dtype)
-    if reduction == "token_mean":
-        denominator = supervised.sum().clamp(min=1) if num_items is None else num_items
-        return weighted / torch.as_tensor(denominator, dtype=dtype, device=weighted.device)
-    if reduction == "token_mean_microbatch":
-        return weighted / supervised.sum().clamp(min=1)
-    if reduction == "weighted_mean":
-        total = weighted.sum()
-        return weighted / total if bool(total > 0) else torch.zeros_like(weighted)
-    lengths = supervised.sum(dim=1, keepdim=True)
-    if num_sequences is None:
-        num_sequences = (lengths > 0).sum().clamp(min=1)
-    num_sequences = torch.as_tensor(num_sequences, dtype=dtype, device=weighted.device)
-    return weighted / (lengths.clamp(min=1) * num_sequences)
+    """`reduction.unit_coefficients` with one unit per position of the [B, T] mask."""
+    weighted = _weighted_mask(mask, weights, dtype)  # validates shapes and signs
+    rows, tokens, row_tokens = token_units(mask.to(dtype))
+    coefficients = unit_coefficients(
+        reduction, rows, tokens, row_tokens, None if weights is None else weighted.reshape(-1),
+        num_items=num_items, num_sequences=num_sequences, dtype=dtype,
+    )
+    return coefficients.reshape(mask.shape)
 
 
 def token_loss_coefficients(
@@ -462,20 +456,38 @@ def top_k_mass(
 # ---------------------------------------------------------------------------------------------------------
 
 
-class _Head(NamedTuple):
-    """One model's output layer: logits = softcap(h Wᵀ + b)[:, :vocab_size]."""
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM's output layer, the one head type of the package: logits = softcap(s · (h Wᵀ + b))[:, :V'].
+
+    `scale` s covers the architectures that rescale logits (Cohere `logit_scale`, Falcon-H1 `lm_head_multiplier`,
+    Granite/MiniCPM3 `1/logits_scaling`, ...; read by `trainers.lm_head.output_head`); `softcap` is Gemma-2's
+    `final_logit_softcapping`; `vocab_size` V' keeps the first V' entries (heads padded around one tokenizer,
+    methods.md §0.8; None: all). The chunked kernels receive `scaled_hidden(h)` and a head with s = 1, so their
+    fused gradients only have to go through h Wᵀ + b.
+    """
 
     weight: torch.Tensor  # [V, d]
-    bias: torch.Tensor | None  # [V]
-    softcap: float | None
-    vocab_size: int
+    bias: torch.Tensor | None = None  # [V]
+    softcap: float | None = None
+    scale: float = 1.0
+    vocab_size: int | None = None
+
+    def scaled_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Fold the logit scale into the hidden states, (h·s)Wᵀ = s·(hWᵀ): exact without a bias, refused with one."""
+        if self.scale == 1.0:
+            return hidden
+        if self.bias is not None:
+            raise ValueError("A logit scale together with an lm_head bias is not supported by trl_opd's loss kernels.")
+        return hidden * self.scale
 
     def raw_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """h Wᵀ + b before soft-capping, [n, vocab_size], in the compute dtype (float32 or float64).
+        """s · (h Wᵀ + b) before soft-capping, [n, V'], in the compute dtype (float32, or float64 for float64).
 
         When hidden and weight share a dtype the matmul runs in it (bf16 models: bf16 logits upcast to
         float32, as the model itself computes them); otherwise both are cast to the compute dtype.
         """
+        hidden = self.scaled_hidden(hidden)
         dtype = _compute_dtype(hidden)
         weight = self.weight[: self.vocab_size]
         if weight.dtype != hidden.dtype:
@@ -493,6 +505,11 @@ class _Head(NamedTuple):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.cap(self.raw_logits(hidden))
+
+    @property
+    def width(self) -> int:
+        """V': the number of logits this head gives."""
+        return self.weight.shape[0] if self.vocab_size is None else self.vocab_size
 
 
 _DIVERGENCE_DEFAULTS = {
@@ -552,7 +569,7 @@ def _prepare_chunked(
     vocab_size,
     chunk_size,
     divergence_kwargs,
-) -> tuple[_Head, _Head, dict]:
+) -> tuple[OutputHead, OutputHead, dict]:
     """Validate the chunked-path inputs; bundle each side's output layer and the full divergence options."""
     _check_head("student", student_hidden, student_head, student_bias, softcap)
     _check_head("teacher", teacher_hidden, teacher_head, teacher_bias, teacher_softcap)
@@ -575,8 +592,8 @@ def _prepare_chunked(
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens.")
     return (
-        _Head(student_head, student_bias, softcap, vocab_size),
-        _Head(teacher_head, teacher_bias, teacher_softcap, vocab_size),
+        OutputHead(student_head, student_bias, softcap, vocab_size=vocab_size),
+        OutputHead(teacher_head, teacher_bias, teacher_softcap, vocab_size=vocab_size),
         _divergence_options(divergence_kwargs),
     )
 
@@ -589,7 +606,7 @@ def _chunks(num_tokens: int, chunk_size: int) -> list[slice]:
     ]
 
 
-def _chunk_divergence(student_hidden, teacher_hidden, student: _Head, teacher: _Head, options: dict):
+def _chunk_divergence(student_hidden, teacher_hidden, student: OutputHead, teacher: OutputHead, options: dict):
     """Per-token divergence of one chunk: [n, d_s], [n, d_t] -> [n]; the teacher side carries no graph."""
     with torch.no_grad():
         teacher_logits = teacher.logits(teacher_hidden)
@@ -660,7 +677,7 @@ def chunked_token_divergence(
     return torch.cat(pieces)
 
 
-def _autograd_chunk(hidden, coefficients, student: _Head, teacher_logits, options):
+def _autograd_chunk(hidden, coefficients, student: OutputHead, teacher_logits, options):
     """Loss, per-token loss, student entropy and d(Σ c ℓ)/d(raw logits) of one chunk, without a lasting graph.
 
     The gradient is taken with ``torch.autograd.grad`` on the chunk's pre-softcap logits, so it is exact for
@@ -686,7 +703,7 @@ def _has_closed_form_gradient(options: dict) -> bool:
 
 
 @torch.no_grad()
-def _closed_form_chunk(hidden, coefficients, student: _Head, teacher_logits, options):
+def _closed_form_chunk(hidden, coefficients, student: OutputHead, teacher_logits, options):
     """Same outputs as :func:`_autograd_chunk` from the closed-form gradients w.r.t. z = logits / T:
 
     dFKL/dz = p_S − p_T;  dRKL/dz = p_S (log p_S − log p_T − RKL);
@@ -731,14 +748,14 @@ class _FusedDivergenceFunction(torch.autograd.Function):
         student_bias,
         teacher_hidden,
         coefficients,
-        student: _Head,
-        teacher: _Head,
+        student: OutputHead,
+        teacher: OutputHead,
         options: dict,
         chunk_size: int,
     ):
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         dtype = _compute_dtype(student_hidden)
-        vocab = student.vocab_size
+        vocab = student.width
         num_tokens = student_hidden.shape[0]
         grad_hidden = student_hidden.new_zeros(student_hidden.shape, dtype=dtype) if needs_hidden else None
         grad_weight = student_weight.new_zeros(student_weight.shape, dtype=dtype) if needs_weight else None
@@ -850,7 +867,7 @@ def fused_divergence_loss(
 
 @torch.no_grad()
 def _no_grad_loss(
-    student_hidden, teacher_hidden, coefficients, student: _Head, teacher: _Head, options, chunk_size
+    student_hidden, teacher_hidden, coefficients, student: OutputHead, teacher: OutputHead, options, chunk_size
 ):
     """fused_divergence_loss's outputs when no gradient is wanted."""
     per_token, entropy = [], []
@@ -958,3 +975,49 @@ def _score_chunk(student_logits, teacher_logits, options: dict, with_forward_kl:
         student_mass=student_mass,
         teacher_mass=teacher_mass,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token passes over one LM head, chunk by chunk (sampled-token log-probs, entropy)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    token_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """log softmax(logits / T)[token] for each row of `hidden` [N, d] and `token_ids` [N] -> [N] (float32).
+
+    Only `[chunk_size, V']` logits exist at a time; with gradients enabled each chunk is recomputed in backward.
+    """
+
+    def chunk_logprobs(chunk_hidden: torch.Tensor, chunk_ids: torch.Tensor) -> torch.Tensor:
+        logits = head.logits(chunk_hidden).float() / temperature
+        return torch.log_softmax(logits, dim=-1).gather(-1, chunk_ids.unsqueeze(-1)).squeeze(-1)
+
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = (hidden[start : start + chunk_size], token_ids[start : start + chunk_size])
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            pieces.append(checkpoint(chunk_logprobs, *chunk, use_reentrant=False))
+        else:
+            pieces.append(chunk_logprobs(*chunk))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+@torch.no_grad()
+def chunked_entropy(
+    hidden: torch.Tensor, head: OutputHead, *, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """Entropy of softmax(logits / T) for each row of `hidden` [N, d] -> [N] float32, chunk by chunk, no gradient."""
+    pieces = [
+        entropy_from_logits(head.logits(hidden[start : start + chunk_size]).float(), temperature)
+        for start in range(0, hidden.shape[0], chunk_size)
+    ]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)

@@ -37,6 +37,9 @@ the logits and the states come from one forward.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -350,6 +353,45 @@ class HiddenStateCapture:
         return [self._captured[index] for index in self.layers]
 
 
+@dataclass
+class RepresentationStates:
+    """OPRD's captured states: per selected layer `[B, K, d_S]` / `[B, K, d_T]`, a `[B, K]` mask, the projector."""
+
+    student: list[Tensor]
+    teacher: list[Tensor]
+    position_mask: Tensor
+    projector: nn.Module | None = None
+
+
+@dataclass
+class CaptureRequest:
+    """Hidden states a trainer wants captured during one micro-batch: a capture to arm around the student's forward,
+    one around the teacher's, and the `[B, K]` mask of the captured positions. The default captures nothing (its
+    context managers do nothing and `states()` is None); the trainer enters each around that model's forward, so with
+    a PEFT self-teacher (the same modules for both roles) only one capture is armed at a time."""
+
+    student_capture: HiddenStateCapture | None = None
+    teacher_capture: HiddenStateCapture | None = None
+    position_mask: Tensor | None = None
+    projector: nn.Module | None = None
+
+    @property
+    def student(self):
+        return self.student_capture if self.student_capture is not None else contextlib.nullcontext()
+
+    @property
+    def teacher(self):
+        return self.teacher_capture if self.teacher_capture is not None else contextlib.nullcontext()
+
+    def states(self):
+        """The captured states as the objective's `RepresentationStates`, or None when nothing was requested."""
+        if self.student_capture is None:
+            return None
+        return RepresentationStates(
+            self.student_capture.states, self.teacher_capture.states, self.position_mask, self.projector
+        )
+
+
 def capture_hidden_states(
     model: nn.Module,
     layers: Sequence[int],
@@ -401,6 +443,11 @@ def _check_hidden_lists(
             )
         if mask.shape != student.shape[:2]:
             raise ValueError(f"mask {tuple(mask.shape)} must be [B, T] = {tuple(student.shape[:2])}.")
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer."""
+    return next(itertools.chain(module.parameters(), module.buffers())).device
 
 
 def _compute_dtype(tensor: Tensor) -> torch.dtype:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 
-import math
 
 import numpy as np
 import torch
@@ -35,21 +34,11 @@ from transformers.utils import logging as hf_logging
 from trl import DistillationTrainer
 from trl.trainer.utils import pad
 
-from ..diagnostics import OverlapAccumulator
-from ..losses import (
-    chunked_token_divergence,
-    entropy_from_logits,
-    fused_divergence_loss,
-    per_token_divergence,
-    sampled_token_kl,
-    sampled_token_loss,
-    score_tokens,
-    token_loss_coefficients,
-    top_k_mass,
-)
-from ..weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
+from ..objective import CompletionBatch, LocalTeacher, OPDObjective
+from ..reduction import StepNormalisers
+from ..representation import CaptureRequest
 from .aligned_prompts import aligned_prompt
-from .lm_head import OutputHead, chunked_token_logprobs, head_logits, output_head
+from .lm_head import output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .prompt_checks import check_prompts, text_tokenizer
@@ -132,6 +121,7 @@ class _OPDTrainerCore(DistillationTrainer):
         self._rollout_rows = None
         self._guided_prompt_ids = {}
         self._loss_stats = {}
+        self.objective = self._build_objective()
         self._set_chat_template_kwargs(args)
         self._check_diagnostics_top_k(args)
         self._check_head_devices()
@@ -539,104 +529,119 @@ class _OPDTrainerCore(DistillationTrainer):
                 logits_to_keep,
             )
 
-    # ------------------------------------------------------------------ token weights: TIP, PW-OPSD, EDGE-OPD evidence
+    # ------------------------------------------------------------------ the objective's inputs
 
-    def _token_weights(self, inputs, loss_mask, student_hidden, teacher_hidden, student_head, teacher_head):
-        """Entry point for token selection and weighting: a detached `[B, C]` tensor of weights (0 drops a token
-        from the gradient pass entirely), or None for uniform weights. Computed before the loss, under no_grad.
+    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
+        """The step's forwards (with the capture request armed around each), then the objective on their outputs.
+        Returns (loss, entropy sum, trained tokens) like `trl.DistillationTrainer._compute_loss`."""
+        width = inputs["completion_ids"].size(1)
+        captures = self._capture_request(unwrapped_student, inputs)
+        with captures.student:
+            student_hidden = self._hidden_states(unwrapped_student, *self._student_sequence(inputs), width)
+        with captures.teacher:
+            teacher_hidden = self._teacher_hidden_state(inputs, width)
+        batch = self._completion_batch(unwrapped_student, inputs, student_hidden, teacher_hidden)
+        batch.representation = captures.states()
+        output = self.objective(
+            batch, self._step_normalisers(inputs, num_items_in_batch),
+            selection_seed=self._selection_seed(), diagnostics=self._diagnostics_due(),
+        )
+        self._loss_stats.update(output.stats)
+        self._check_finite_loss(output.loss)
+        return output.loss, output.entropy_sum, output.num_tokens
 
-        The product of the enabled factors, each computed on the completion mask independently: TIP selection
-        (a 0/1 mask, or 1/π weights with importance weighting), PW-OPSD position weights (relative to the whole
-        completion) and the EDGE-OPD evidence mask. So TIP keeps its ratio of the completion's tokens, and the
-        evidence mask can remove some of them afterwards.
-        """
-        args = self.args
-        valid = loss_mask.bool()
-        factors = []
-        if args.token_selection != "none":
-            factors.append(self._tip_weights(valid, student_hidden, teacher_hidden, student_head, teacher_head))
-        if args.position_weighting != "none":
-            factors.append(position_weights(
-                valid, w_min=args.position_w_min, tau=args.position_tau, slope=args.position_slope,
-                direction=args.position_weighting,
-            ))
-        if args.evidence_mode != "none":
-            factors.append(self._evidence_weights(inputs, valid, student_hidden, teacher_hidden, student_head,
-                                                  teacher_head))
-        if not factors:
-            return None
-        weights = factors[0].float()
-        for factor in factors[1:]:
-            weights = weights * factor
-        return weights
+    def _build_objective(self) -> OPDObjective:
+        return OPDObjective.from_config(self.args, temperature=self.distillation_temperature)
 
-    def _selection_generator(self, device) -> torch.Generator:
+    def _capture_request(self, unwrapped_student, inputs) -> CaptureRequest:
+        """Hidden states to capture during this micro-batch's forwards: none here (OPRD's mixin asks for some)."""
+        return CaptureRequest()
+
+    def _completion_batch(self, unwrapped_student, inputs, student_hidden, teacher_hidden) -> CompletionBatch:
+        """Both models' last hidden states and heads on one device, as the objective reads them. Representation-only
+        OPRD reads no head at all (the states stay where the models left them)."""
+        if not self.objective.uses_heads:
+            valid = self._loss_mask(inputs).bool()
+            return CompletionBatch(valid, inputs["completion_ids"], student_hidden, None, None)
+        student_head = output_head(unwrapped_student, self._loss_vocab_size)
+        teacher_head = output_head(self._unwrapped_teacher(), self._loss_vocab_size)
+        device = student_head.weight.device
+        if teacher_head.weight.device != device:
+            raise ValueError(
+                f"The student's lm_head is on {device} and the teacher's on {teacher_head.weight.device}; place both "
+                "heads on the same device (see their `device_map`)."
+            )
+        valid = self._loss_mask(inputs).to(device).bool()
+        student_hidden, teacher_hidden = student_hidden.to(device), teacher_hidden.to(device)
+        self._check_finite_hidden_states(student_hidden, teacher_hidden, valid)
+        return CompletionBatch(
+            valid=valid,
+            completion_ids=inputs["completion_ids"].to(device),
+            student_hidden=student_hidden,
+            student_head=student_head,
+            teacher=LocalTeacher(teacher_hidden, teacher_head),
+            is_guided=inputs.get("is_guided"),
+        )
+
+    def _step_normalisers(self, inputs, num_items_in_batch) -> StepNormalisers:
+        """The step-level normalisers of the reductions (methods.md §0.7): TRL's `num_items_in_batch` (the step's
+        generated tokens per process), the step's sequences per process, the cross-process weighted sum."""
+        if not self.model.training:
+            return StepNormalisers(training=False, num_items=num_items_in_batch)
+        num_sequences = None
+        if "num_sequences_in_batch" in inputs:
+            num_sequences = inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
+        return StepNormalisers(
+            training=True,
+            num_items=num_items_in_batch,
+            num_sequences=num_sequences,
+            mean_over_processes=self._mean_over_processes,
+            accumulation_steps=self._accumulation_steps(),
+        )
+
+    def _accumulation_steps(self) -> int:
+        """Set by `Trainer.train`; a bare `compute_loss` in training mode falls back to the configured window."""
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _selection_seed(self) -> int:
         """Same seed on every process: from (seed, optimizer step, micro-step within the accumulation window)."""
         micro_step = self._step % self.args.gradient_accumulation_steps if self.model.training else 0
-        seed = np.random.SeedSequence([self.args.seed, self.state.global_step, micro_step]).generate_state(1)[0]
-        return torch.Generator(device=device).manual_seed(int(seed))
+        return int(np.random.SeedSequence([self.args.seed, self.state.global_step, micro_step]).generate_state(1)[0])
 
-    def _tip_weights(self, valid, student_hidden, teacher_hidden, student_head, teacher_head) -> torch.Tensor:
-        """TIP (methods.md §3): score every completion token in a no-grad chunked pass at T_d, then select."""
-        args = self.args
-        strategy = args.token_selection.removeprefix("tip_")
-        kwargs = {
-            **self._head_kwargs(student_head, teacher_head),
-            **self._divergence_kwargs(),
-            "chunk_size": self._scoring_chunk_tokens(int(valid.sum()), student_head),
-        }
-        scores = score_tokens(
-            student_head.scaled_hidden(student_hidden[valid]), student_head.weight,
-            teacher_head.scaled_hidden(teacher_hidden[valid]), teacher_head.weight,
-            with_forward_kl=strategy == "q3", **kwargs,
-        )
-        entropy, divergence = self._scatter(scores.student_entropy, valid), self._scatter(scores.divergence, valid)
-        self._stash_quadrants(tip_quadrants(entropy, divergence, valid), valid)
-        selection = {"ratio": args.token_ratio, "scope": args.token_selection_scope}
-        if strategy == "entropy_sample":
-            selection["generator"] = self._selection_generator(valid.device)
-        if args.token_importance_weighting:
-            _, weights = tip_importance_sample(entropy, valid, **selection)
-            return weights
-        forward_kl = None if scores.forward_kl is None else self._scatter(scores.forward_kl, valid)
-        return tip_mask(entropy, divergence, valid, strategy=strategy, forward_divergence=forward_kl, **selection)
+    def _mean_over_processes(self, local: torch.Tensor) -> torch.Tensor:
+        """(Σ over processes of `local`) / num_processes, at least the smallest positive float32: the per-process
+        normaliser that makes DDP's gradient average a mean over the tokens (or segments) of every process."""
+        total = self.accelerator.gather(local.detach().reshape(1)).sum()
+        return (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
 
-    def _evidence_weights(self, inputs, valid, student_hidden, teacher_hidden, student_head, teacher_head):
-        """EDGE-OPD evidence mask (methods.md §5.2) from both models' log-probs of the sampled tokens at T_d."""
-        args = self.args
-        token_ids = inputs["completion_ids"].to(valid.device)[valid]
-        logprob_kwargs = {
-            "temperature": self.distillation_temperature,
-            "vocab_size": self._loss_vocab_size,
-            "chunk_size": self._loss_chunk_tokens(len(token_ids), student_head),
-        }
-        student_logprobs = chunked_token_logprobs(student_hidden[valid], student_head, token_ids, **logprob_kwargs)
-        teacher_logprobs = chunked_token_logprobs(teacher_hidden[valid], teacher_head, token_ids, **logprob_kwargs)
-        student_logprobs = self._scatter(student_logprobs, valid)
-        teacher_logprobs = self._scatter(teacher_logprobs, valid)
-        kept = evidence_mask(teacher_logprobs, student_logprobs, valid, mode=args.evidence_mode,
-                             threshold=args.evidence_threshold, quantile=args.evidence_quantile)
-        self._stash_evidence(teacher_logprobs - student_logprobs, kept, valid, inputs.get("is_guided"))
-        return kept
+    def _check_finite_hidden_states(self, student_hidden, teacher_hidden, valid) -> None:
+        """NaN/inf in either model's last hidden states (hence logits) at completion tokens: a clear error before the
+        update, instead of a NaN loss that `logging_nan_inf_filter` hides while the weights become NaN."""
+        for name, hidden in (("teacher", teacher_hidden), ("student", student_hidden)):
+            finite = torch.isfinite(hidden[valid]).all(dim=-1)
+            if not finite.all():
+                raise FloatingPointError(
+                    f"The {name}'s hidden states (and so its logits) are NaN or inf at {(~finite).sum().item()} of "
+                    f"{finite.numel()} completion tokens at step {self.state.global_step}. Likely causes: fp16 "
+                    f"overflow (load the {name} in bfloat16 or float32, e.g. "
+                    f"`{'teacher_' if name == 'teacher' else ''}model_init_kwargs={{'dtype': 'bfloat16'}}`) or "
+                    "corrupted weights. Stopped before the update corrupts the student."
+                )
 
-    @staticmethod
-    def _scatter(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """[N] values at the valid positions -> [B, C] (zeros elsewhere)."""
-        full = values.new_zeros(valid.shape)
-        full[valid] = values
-        return full
-
-    def _stash_quadrants(self, shares: dict[str, float], valid: torch.Tensor) -> None:
-        count = valid.sum()
-        for quadrant, share in shares.items():
-            self._stash_stat(f"tip/{quadrant}_share", count * share, count)
+    def _check_finite_loss(self, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"The distillation loss is {loss.item()} at step {self.state.global_step} although both models' hidden "
+                "states are finite: an LM head holds NaN/inf weights, or the logits overflow their dtype (load the "
+                "models in bfloat16 or float32). Stopped before the update corrupts the student."
+            )
 
     # ------------------------------------------------------------------ dynamics diagnostics (methods.md §7.1)
 
     def _check_diagnostics_top_k(self, args: OPDConfig) -> None:
         if args.diagnostics_steps == 0:
             return
-        vocab = self._loss_vocab_size or output_head(self.accelerator.unwrap_model(self.model)).weight.shape[0]
+        vocab = output_head(self.accelerator.unwrap_model(self.model), self._loss_vocab_size).width
         if args.diagnostics_top_k > vocab:
             raise ValueError(
                 f"`diagnostics_top_k`={args.diagnostics_top_k} exceeds the vocabulary compared in the loss ({vocab} "
@@ -650,238 +655,7 @@ class _OPDTrainerCore(DistillationTrainer):
             return False
         return not self.model.training or self.state.global_step % steps == 0
 
-    def _stash_diagnostics(self, valid, student_hidden, teacher_hidden, student_head, teacher_head) -> None:
-        """`overlap_stats`, TIP quadrant shares and loss-support masses of the valid tokens, in one no-grad pass of
-        `_loss_chunk_tokens` tokens at a time, at T_d; stashed as (sum, count) so they are averaged over processes."""
-        args, temperature = self.args, self.distillation_temperature
-        overlap = OverlapAccumulator(k=args.diagnostics_top_k, temperature=temperature)
-        need_quadrants = args.token_selection == "none"  # otherwise `_tip_weights` stashed them from its own pass
-        student_rows, teacher_rows = student_hidden[valid], teacher_hidden[valid]
-        entropy, divergence, support_mass = [], [], ([], [])
-        chunk = self._loss_chunk_tokens(student_rows.shape[0], student_head)
-        for start in range(0, student_rows.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            student_logits = head_logits(student_rows[rows], student_head, self._loss_vocab_size)
-            teacher_logits = head_logits(teacher_rows[rows], teacher_head, self._loss_vocab_size)
-            student_entropy = overlap.update(student_logits, teacher_logits)  # H(p_S) at T_d, as TIP scores it
-            if need_quadrants:
-                entropy.append(student_entropy.float())
-                divergence.append(per_token_divergence(student_logits, teacher_logits, **self._divergence_kwargs()))
-            if args.loss_top_k is not None:
-                masses = top_k_mass(student_logits, teacher_logits, top_k=args.loss_top_k,
-                                    top_k_source=args.loss_top_k_source, temperature=temperature)
-                for pieces, mass in zip(support_mass, masses):
-                    pieces.append(mass)
-        device = student_hidden.device
-        for key, (total, count) in overlap.sums_and_counts(device).items():
-            self._stash_stat(f"diagnostics/{key}", total, count)
-        count = valid.sum()
-        if need_quadrants:
-            if not entropy:  # no valid token on this process: the shares are 0 with count 0
-                entropy = divergence = [student_rows.new_zeros(0, dtype=torch.float32)]
-            shares = tip_quadrants(self._scatter(torch.cat(entropy), valid),
-                                   self._scatter(torch.cat(divergence), valid), valid)
-            for quadrant, share in shares.items():
-                self._stash_stat(f"diagnostics/tip_{quadrant}_share", count * share, count)
-        else:
-            for quadrant in ("q1", "q2", "q3", "q4"):
-                self._stash_stat(f"diagnostics/tip_{quadrant}_share", *self._loss_stats[f"tip/{quadrant}_share"])
-        for side, pieces in zip(("student", "teacher"), support_mass):
-            if args.loss_top_k is not None:
-                total = torch.cat(pieces).sum() if pieces else count.new_zeros((), dtype=torch.float32)
-                self._stash_stat(f"diagnostics/loss_support_{side}_mass", total, count)
-
-    def _stash_evidence(self, evidence, kept, valid, is_guided) -> None:
-        """Mean evidence and kept share, overall and (with guided rollouts) for guided and plain rows apart."""
-        self._stash_stat("evidence/mean", evidence[valid].sum(), valid.sum())
-        self._stash_stat("evidence/kept_ratio", kept.sum(), valid.sum())
-        if is_guided is None:
-            return
-        for name, rows in (("guided", is_guided.bool()), ("unguided", ~is_guided.bool())):
-            rows_valid = valid & rows.to(valid.device).unsqueeze(1)
-            self._stash_stat(f"evidence/kept_ratio_{name}", (kept & rows_valid).sum(), rows_valid.sum())
-
-    def _loss_coefficients(self, loss_mask, weights, inputs, num_items_in_batch) -> torch.Tensor:
-        """Per-token coefficients c with loss = Σ c·ℓ, already scaled for gradient accumulation and DDP averaging."""
-        reduction = self.args.loss_reduction
-        training = self.model.training
-        if reduction == "token_mean":
-            return token_loss_coefficients(loss_mask, weights, reduction=reduction, num_items=num_items_in_batch)
-        if reduction == "sequence_mean":
-            num_sequences = None
-            if training:
-                num_sequences = inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
-            return token_loss_coefficients(loss_mask, weights, reduction=reduction, num_sequences=num_sequences)
-        if reduction == "weighted_mean" and training:
-            coefficients = self._cross_process_weighted_mean(loss_mask, weights)
-        else:
-            coefficients = token_loss_coefficients(loss_mask, weights, reduction=reduction)
-        # Micro-batch means are averaged over the accumulation window (the loss is reported GA-scaled).
-        return coefficients / self.current_gradient_accumulation_steps if training else coefficients
-
-    def _cross_process_weighted_mean(self, loss_mask, weights) -> torch.Tensor:
-        """`weighted_mean` over the micro-batches of all processes at this micro-step: Σ w·ℓ / Σ w·m with both sums
-        over every process. Each process divides by (Σ_all w·m) / num_processes, so DDP's gradient averaging yields the
-        mean over all selected tokens, not the mean of per-process means (they differ when processes select
-        different numbers of tokens). With one process it is the micro-batch weighted mean."""
-        local = loss_mask.float().sum() if weights is None else (loss_mask.float() * weights.float()).sum()
-        normaliser = self._mean_over_processes(local)
-        return token_loss_coefficients(loss_mask, weights, reduction="token_mean", num_items=normaliser)
-
-    def _mean_over_processes(self, local: torch.Tensor) -> torch.Tensor:
-        """(Σ over processes of `local`) / num_processes, at least the smallest positive float32: the per-process
-        normaliser that makes DDP's gradient average a mean over the tokens (or segments) of every process."""
-        total = self.accelerator.gather(local.detach().reshape(1)).sum()
-        return (total / self.accelerator.num_processes).clamp(min=torch.finfo(torch.float32).tiny)
-
-    def _divergence_kwargs(self) -> dict:
-        args = self.args
-        return {
-            "divergence": args.divergence,
-            "beta": args.beta,
-            "alpha": args.alpha,
-            "temperature": self.distillation_temperature,
-            "top_k": args.loss_top_k,
-            "top_k_source": args.loss_top_k_source,
-            "top_k_tail": args.loss_top_k_tail,
-            "clip": args.clip,
-        }
-
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        completion_ids = inputs["completion_ids"]
-        loss_mask = self._loss_mask(inputs)
-        logits_to_keep = completion_ids.size(1)
-        student_hidden = self._hidden_states(unwrapped_student, *self._student_sequence(inputs), logits_to_keep)
-        teacher_hidden = self._teacher_hidden_state(inputs, logits_to_keep)
-        student_head = output_head(unwrapped_student)
-        teacher_head = output_head(self._unwrapped_teacher())
-        if student_head.weight.device != teacher_head.weight.device:
-            raise ValueError(
-                f"The student's lm_head is on {student_head.weight.device} and the teacher's on "
-                f"{teacher_head.weight.device}; place both heads on the same device (see their `device_map`)."
-            )
-        device = student_head.weight.device
-        student_hidden, teacher_hidden = student_hidden.to(device), teacher_hidden.to(device)
-        loss_mask = loss_mask.to(device)
-        self._check_finite_hidden_states(student_hidden, teacher_hidden, loss_mask)
-
-        with torch.no_grad():
-            weights = self._token_weights(
-                inputs, loss_mask, student_hidden.detach(), teacher_hidden, student_head, teacher_head
-            )
-            if self._diagnostics_due():
-                self._stash_diagnostics(loss_mask.bool(), student_hidden.detach(), teacher_hidden, student_head,
-                                        teacher_head)
-        coefficients = self._loss_coefficients(loss_mask, weights, inputs, num_items_in_batch)
-        rows = loss_mask.bool() & (coefficients != 0)
-        per_row = (student_hidden[rows], teacher_hidden[rows], coefficients[rows], completion_ids.to(device)[rows])
-        if self.args.estimator == "analytic":
-            loss, per_token, entropy = self._analytic_loss(*per_row[:3], student_head, teacher_head)
-            self._stash_stat("divergence", per_token.sum(), rows.sum())
-        else:
-            loss, per_token, entropy = self._sampled_token_loss(*per_row, student_head, teacher_head)
-            self._stash_stat("kl_k1", per_token.sum(), rows.sum())
-        if weights is not None:
-            self._stash_stat("token_weight", weights[loss_mask.bool()].float().sum(), loss_mask.sum())
-            self._stash_stat("selected_ratio", rows.sum(), loss_mask.sum())
-        if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
-                f"The distillation loss is {loss.item()} at step {self.state.global_step} although both models' hidden "
-                "states are finite: an LM head holds NaN/inf weights, or the logits overflow their dtype (load the "
-                "models in bfloat16 or float32). Stopped before the update corrupts the student."
-            )
-        return loss, entropy.sum().detach(), rows.sum()
-
-    def _check_finite_hidden_states(self, student_hidden, teacher_hidden, loss_mask) -> None:
-        """NaN/inf in either model's last hidden states (hence logits) at completion tokens: a clear error before the
-        update, instead of a NaN loss that `logging_nan_inf_filter` hides while the weights become NaN."""
-        valid = loss_mask.bool()
-        for name, hidden in (("teacher", teacher_hidden), ("student", student_hidden)):
-            finite = torch.isfinite(hidden[valid]).all(dim=-1)
-            if not finite.all():
-                raise FloatingPointError(
-                    f"The {name}'s hidden states (and so its logits) are NaN or inf at {(~finite).sum().item()} of "
-                    f"{finite.numel()} completion tokens at step {self.state.global_step}. Likely causes: fp16 "
-                    f"overflow (load the {name} in bfloat16 or float32, e.g. "
-                    f"`{'teacher_' if name == 'teacher' else ''}model_init_kwargs={{'dtype': 'bfloat16'}}`) or "
-                    "corrupted weights. Stopped before the update corrupts the student."
-                )
-
-    def _head_kwargs(self, student_head: OutputHead, teacher_head: OutputHead) -> dict:
-        return {
-            "student_bias": student_head.bias,
-            "teacher_bias": teacher_head.bias,
-            "softcap": student_head.softcap,
-            "teacher_softcap": teacher_head.softcap,
-            "vocab_size": self._loss_vocab_size,
-        }
-
-    def _loss_chunk_tokens(self, num_tokens: int, student_head: OutputHead) -> int:
-        """Tokens per chunk of every pass over the LM heads at the completion tokens (the analytic loss, the
-        checkpointed path's entropy log, sampled-token and evidence log-probs, the diagnostics): at most
-        `loss_chunk_size`, and few enough that one chunk's
-        [tokens, V] logits hold no more entries than the vocabulary tile TRL's `ChunkedDivergenceFunction` holds
-        for the same batch, min(N, 4,096) × min(V, 32,768). The full-vocabulary softmax of the fused loss cannot
-        tile the vocabulary, so above 32,768 entries it splits the N tokens about V / 32,768 ways instead.
-        Unchanged for V ≤ 32,768. At V = 151,936 and 128 tokens per micro-batch this took an OPD step's peak memory
-        above its start from 0.64 to 0.18 GB and loss + backward CPU time from 1.32 to 0.85 s (bench/README.md)."""
-        vocab = self._loss_vocab_size or student_head.weight.shape[0]
-        budget = min(num_tokens, 4096) * min(vocab, 32768)
-        return max(1, min(self.args.loss_chunk_size, budget // vocab))
-
-    def _scoring_chunk_tokens(self, num_tokens: int, student_head: OutputHead) -> int:
-        """Tokens per chunk of TIP's no-grad scoring pass over `num_tokens` completion tokens:
-        `token_scoring_chunk_size` if set, else ⌈ρ·c⌉ with c the chunk the loss would use on all of them
-        (`_loss_chunk_tokens`). The gradient pass then runs on ≈ρ·`num_tokens` selected rows in chunks of
-        ≈ρ·c, so neither pass holds more than ρ times the all-token loss's logits: the memory saving of the
-        selection is kept whether or not the loss is chunked (bench/results/tip_memory_cpu.md)."""
-        if self.args.token_scoring_chunk_size is not None:
-            return self.args.token_scoring_chunk_size
-        return max(1, math.ceil(self.args.token_ratio * self._loss_chunk_tokens(num_tokens, student_head)))
-
-    def _analytic_loss(self, student_hidden, teacher_hidden, coefficients, student_head, teacher_head):
-        """Σ c·ℓ over the rows, with ℓ the exact (or top-k) divergence; returns (loss, ℓ detached, entropy)."""
-        arguments = (
-            student_head.scaled_hidden(student_hidden),
-            student_head.weight,
-            teacher_head.scaled_hidden(teacher_hidden),
-            teacher_head.weight,
-        )
-        kwargs = {**self._head_kwargs(student_head, teacher_head), **self._divergence_kwargs()}
-        kwargs["chunk_size"] = self._loss_chunk_tokens(student_hidden.shape[0], student_head)
-        if self.args.loss_implementation == "fused":
-            return fused_divergence_loss(*arguments, coefficients, **kwargs)
-        per_token = chunked_token_divergence(*arguments, **kwargs)
-        with torch.no_grad():
-            entropy = self._student_entropy(student_hidden, student_head)
-        return (coefficients * per_token).sum(), per_token.detach(), entropy
-
-    @torch.no_grad()
-    def _student_entropy(self, student_hidden, student_head) -> torch.Tensor:
-        pieces = []
-        chunk = self._loss_chunk_tokens(student_hidden.shape[0], student_head)
-        for start in range(0, student_hidden.shape[0], chunk):
-            logits = head_logits(student_hidden[start : start + chunk], student_head, self._loss_vocab_size)
-            pieces.append(entropy_from_logits(logits, self.distillation_temperature))  # 0·log 0 = 0 at −inf logits
-        return torch.cat(pieces) if pieces else student_hidden.new_zeros(0, dtype=torch.float32)
-
-    def _sampled_token_loss(self, student_hidden, teacher_hidden, coefficients, token_ids, student_head, teacher_head):
-        """Sampled-token estimators (methods.md §0.6): only log p(ŷ_t) of both models is needed."""
-        logprob_kwargs = {
-            "temperature": self.distillation_temperature,
-            "vocab_size": self._loss_vocab_size,
-            "chunk_size": self._loss_chunk_tokens(student_hidden.shape[0], student_head),
-        }
-        student_logprobs = chunked_token_logprobs(student_hidden, student_head, token_ids, **logprob_kwargs)
-        with torch.no_grad():
-            teacher_logprobs = chunked_token_logprobs(teacher_hidden, teacher_head, token_ids, **logprob_kwargs)
-            entropy = self._student_entropy(student_hidden.detach(), student_head)
-        per_token = sampled_token_loss(student_logprobs, teacher_logprobs, self.args.estimator)
-        k1 = sampled_token_kl(student_logprobs.detach(), teacher_logprobs, "k1")
-        return (coefficients * per_token).sum(), k1, entropy
-
 
 class OPDTrainer(RepresentationDistillationMixin, _OPDTrainerCore):
-    # The OPRD mixin wraps the core's `_compute_loss` (it adds μ·L_OPRD around the logit loss), so it must come
-    # before the core in the MRO.
+    # The OPRD mixin answers the core's capture request and owns the projector, so it comes first in the MRO.
     __doc__ = _OPDTrainerCore.__doc__

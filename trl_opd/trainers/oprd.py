@@ -4,12 +4,12 @@ Two pieces that compose with any `OPDTrainer` / `OPDConfig` without editing them
 
 * `RepresentationArguments`, a dataclass mixin with the OPRD fields (`representation_weight` μ, `logit_weight`,
   layers, positions, projector, bridge) and their validation;
-* `RepresentationDistillationMixin`, a trainer mixin whose `_compute_loss` returns
-  `logit_weight · L_OPD + μ · L_OPRD`.
+* `RepresentationDistillationMixin`, the trainer side: projector, capture request, Bridge Stage 1, checkpoints.
+  The loss `logit_weight · L_OPD + μ · L_OPRD` is `objective.OPDObjective`'s.
 
     @dataclass
     class OPDConfig(RepresentationArguments, DistillationConfig): ...
-    class OPDTrainer(RepresentationDistillationMixin, DistillationTrainer): ...
+    class OPDTrainer(RepresentationDistillationMixin, _OPDTrainerCore): ...
 
 **Which states are paired.** For completion token ŷ_t the loss pairs the student's and the teacher's hidden
 states at the position that *predicts* ŷ_t, i.e. sequence index P − 1 + t for a prompt of (padded) width P —
@@ -38,24 +38,27 @@ it and resumed checkpoints restore it. It is kept out of the saved model weights
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..objective import OPDObjective
 from ..representation import (
     LAYER_SPECS,
     BridgeProjector,
+    CaptureRequest,
     HiddenStateCapture,
+    RepresentationStates,
+    module_device,
     RepresentationProjector,
     find_decoder_layers,
     map_layers,
-    representation_loss_per_layer,
     resolve_layers,
     select_positions,
 )
@@ -66,8 +69,6 @@ REPRESENTATION_POSITIONS = ("all", "last_k")
 PROJECTORS = ("auto", "linear", "bridge", "none")
 # Logit-side switches that choose or weight tokens of the OPD loss; they have nothing to act on without it.
 _LOGIT_ONLY_SWITCHES = {"token_selection": "none", "position_weighting": "none", "evidence_mode": "none"}
-# Per-layer losses are logged for up to this many layers (each logged value is one gather per micro-step).
-_MAX_LOGGED_LAYERS = 8
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,26 +285,26 @@ class _RepresentationPlan:
 
 
 class RepresentationDistillationMixin:
-    """Adds OPRD (methods.md §6) to an `OPDTrainer`: `_compute_loss` returns `logit_weight · L_OPD + μ · L_OPRD`.
+    """OPRD's part of `OPDTrainer` (methods.md §6): the projector, the capture request, OPRD-Bridge Stage 1 and the
+    projector's own checkpoint file. The loss term itself is the objective's (`objective.RepresentationTerm`:
+    `logit_weight · L_OPD + μ · L_OPRD`, logging `oprd/loss` and, for up to 8 layers, `oprd/loss_layer{i}` with i
+    the student `hidden_states` index).
 
-    Put it first among the bases (`class OPDTrainer(RepresentationDistillationMixin, DistillationTrainer)`); it
-    relies on the OPD trainer's hook points `_compute_loss`, `_hidden_states`, `_teacher_hidden_state`,
-    `_student_sequence`, `_teacher_sequence`, `_loss_mask`, `_unwrapped_teacher` and `_stash_stat`. With
-    `representation_weight=0` it only applies `logit_weight`. See the module docstring for the position
-    pairing, reduction and projector handling. Logs `oprd/loss` (the unscaled L_OPRD of the micro-batch) and,
-    for up to 8 layers, `oprd/loss_layer{i}` (i = student `hidden_states` index).
+    It answers the hook points of `_OPDTrainerCore`: `_build_objective` (the layers' names) and `_capture_request`
+    (which states to capture around the forwards the step runs anyway), and reads `_student_sequence`,
+    `_teacher_sequence`, `_loss_mask`, `_unwrapped_teacher`, `_hidden_states` and `_teacher_hidden_state` for
+    Stage 1. See the module docstring for the position pairing, reduction and projector handling.
     """
 
     # Class-level defaults, so the hook points work even if the parent's constructor already calls them.
     _representation_plan: _RepresentationPlan | None = None
     _representation_projector: nn.Module | None = None
-    _capture_role = "student"
-    _captures: dict[str, HiddenStateCapture] = {}  # replaced, never mutated: one dict per micro-batch
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.representation_weight > 0:
             self._setup_representation()
+            self.objective = self._build_objective()  # now with the distilled layers' names
 
     # ------------------------------------------------------------------ setup (before the optimizer exists)
 
@@ -390,105 +391,46 @@ class RepresentationDistillationMixin:
 
         generation._iter_named_params = model_params_only
 
-    # ------------------------------------------------------------------ capture during the step's forwards
+    # ------------------------------------------------------------------ the capture request and the bridge
 
-    @contextlib.contextmanager
-    def _capturing(self, unwrapped_student, inputs):
-        """Arm one capture per role for this micro-batch; the hooks are live only during that role's forward."""
+    def _build_objective(self):
+        """The objective with OPRD's per-layer losses logged under the student's layer indices."""
         plan = self._representation_plan
+        layers = () if plan is None else plan.student_layers
+        return OPDObjective.from_config(self.args, temperature=self.distillation_temperature,
+                                        representation_layers=layers)
+
+    def _capture_request(self, unwrapped_student, inputs) -> CaptureRequest:
+        """One capture per role at the distilled layers and completion positions (each side sliced from its own
+        prompt width); the trainer arms each around that model's forward."""
+        plan = self._representation_plan
+        if plan is None:
+            return CaptureRequest()
         completion_width = inputs["completion_ids"].size(1)
         loss_mask = self._loss_mask(inputs)
         student_prompt_width = self._student_sequence(inputs)[0].size(1) - completion_width
         teacher_prompt_width = self._teacher_sequence(inputs)[0].size(1) - completion_width
         student_positions, position_mask = completion_positions(loss_mask, student_prompt_width, plan.last_k)
         teacher_positions, _ = completion_positions(loss_mask, teacher_prompt_width, plan.last_k)
-        self._captures = {
-            "student": HiddenStateCapture(unwrapped_student, plan.student_layers, positions=student_positions),
-            "teacher": HiddenStateCapture(self._unwrapped_teacher(), plan.teacher_layers, positions=teacher_positions),
-        }
-        try:
-            yield self._captures, position_mask
-        finally:
-            self._captures = {}
-
-    def _hidden_states(self, unwrapped_model, input_ids, attention_mask, logits_to_keep: int):
-        # The student's capture; the teacher's is armed one level up, in `_teacher_hidden_state`.
-        capture = self._captures.get("student") if self._capture_role == "student" else None
-        with capture if capture is not None else contextlib.nullcontext():
-            return super()._hidden_states(unwrapped_model, input_ids, attention_mask, logits_to_keep)
-
-    def _teacher_hidden_state(self, inputs, logits_to_keep: int):
-        capture = self._captures.get("teacher")
-        # The role switch keeps the student's hooks off while the teacher runs: with a PEFT self-teacher both
-        # roles run the very same modules.
-        self._capture_role = "teacher"
-        try:
-            with capture if capture is not None else contextlib.nullcontext():
-                return super()._teacher_hidden_state(inputs, logits_to_keep)
-        finally:
-            self._capture_role = "student"
+        return _BridgeFittingRequest(
+            student_capture=HiddenStateCapture(unwrapped_student, plan.student_layers, positions=student_positions),
+            teacher_capture=HiddenStateCapture(self._unwrapped_teacher(), plan.teacher_layers,
+                                               positions=teacher_positions),
+            position_mask=position_mask,
+            projector=self._representation_projector,
+            fit_bridge_teacher=self._fit_bridge_teacher,
+        )
 
     def _capture_states(self, unwrapped_student, inputs):
-        """Representation-only forwards: both backbones (no LM head), returning the captured states.
-
-        Returns `(student_states, teacher_states, position_mask)`: lists of `[B, K, d_S]` / `[B, K, d_T]` and a
-        `[B, K]` mask.
-        """
+        """Both backbones' forwards (no LM head) with the capture armed: `(student_states, teacher_states,
+        position_mask)`, lists of `[B, K, d_S]` / `[B, K, d_T]` and a `[B, K]` mask (OPRD-Bridge Stage 1)."""
         completion_width = inputs["completion_ids"].size(1)
-        with self._capturing(unwrapped_student, inputs) as (captures, position_mask):
+        request = self._capture_request(unwrapped_student, inputs)
+        with request.student:
             self._hidden_states(unwrapped_student, *self._student_sequence(inputs), completion_width)
+        with request.teacher:
             self._teacher_hidden_state(inputs, completion_width)
-        return captures["student"].states, captures["teacher"].states, position_mask
-
-    # ------------------------------------------------------------------ loss
-
-    def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        args = self.args
-        if self._representation_plan is None:
-            loss, entropy_sum, num_valid = super()._compute_loss(unwrapped_student, inputs, num_items_in_batch)
-            return args.logit_weight * loss, entropy_sum, num_valid
-        if args.representation_only:
-            student_states, teacher_states, position_mask = self._capture_states(unwrapped_student, inputs)
-            logit_term = 0.0
-            entropy_sum = num_valid = torch.zeros((), device=position_mask.device)
-        else:
-            with self._capturing(unwrapped_student, inputs) as (captures, position_mask):
-                logit_loss, entropy_sum, num_valid = super()._compute_loss(
-                    unwrapped_student, inputs, num_items_in_batch
-                )
-            student_states, teacher_states = captures["student"].states, captures["teacher"].states
-            logit_term = args.logit_weight * logit_loss
-        representation = self._representation_loss(student_states, teacher_states, position_mask)
-        scale = args.representation_weight
-        if self.model.training:  # the parent's loss is already divided over the accumulation window
-            scale = scale / getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
-        return logit_term + scale * representation, entropy_sum, num_valid
-
-    def _representation_loss(self, student_states, teacher_states, position_mask) -> torch.Tensor:
-        """L_OPRD of the micro-batch (unscaled), projecting the student states first; logs it."""
-        projector = self._representation_projector
-        device = position_mask.device if projector is None else _module_device(projector)
-        student_states = [state.to(device) for state in student_states]
-        teacher_states = [state.to(device) for state in teacher_states]
-        position_mask = position_mask.to(device)
-        if isinstance(projector, BridgeProjector):
-            if not bool(projector.teacher_fitted):
-                self._fit_bridge_teacher(projector, teacher_states, position_mask)
-            student_states, teacher_states = projector(student_states, teacher_states)
-        elif projector is not None:
-            student_states = projector(student_states)
-        per_layer = representation_loss_per_layer(
-            student_states, teacher_states, position_mask, normalize=self._representation_plan.normalize
-        )
-        self._log_representation_loss(per_layer.detach())
-        return per_layer.mean()
-
-    def _log_representation_loss(self, per_layer: torch.Tensor) -> None:
-        one = torch.ones((), device=per_layer.device)
-        self._stash_stat("oprd/loss", per_layer.mean(), one)
-        if len(per_layer) <= _MAX_LOGGED_LAYERS:
-            for index, value in zip(self._representation_plan.student_layers, per_layer):
-                self._stash_stat(f"oprd/loss_layer{index}", value, one)
+        return request.student_capture.states, request.teacher_capture.states, request.position_mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -506,7 +448,7 @@ class RepresentationDistillationMixin:
 
     def _fit_bridge_teacher(self, bridge: BridgeProjector, teacher_states, position_mask) -> None:
         """allow_random_projector: the teacher PCA from this micro-batch (the reference behaviour), same on all ranks."""
-        bridge.fit_teacher([state[position_mask] for state in teacher_states])
+        bridge.fit_teacher([state[position_mask.to(state.device)] for state in teacher_states])
         self._broadcast_buffers(bridge)
 
     def _broadcast_buffers(self, module: nn.Module) -> None:
@@ -618,9 +560,21 @@ class RepresentationDistillationMixin:
         super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
 
-def _module_device(module: nn.Module) -> torch.device:
-    tensor = next(itertools.chain(module.parameters(), module.buffers()))
-    return tensor.device
+@dataclass
+class _BridgeFittingRequest(CaptureRequest):
+    """OPRD's capture request; with `allow_random_projector` a bridge whose teacher PCA is not fitted yet is fitted
+    on the first micro-batch's teacher states (then broadcast) before the objective reads them."""
+
+    fit_bridge_teacher: Callable | None = None
+
+    def states(self) -> RepresentationStates | None:
+        states = super().states()
+        bridge = self.projector
+        if isinstance(bridge, BridgeProjector) and not bool(bridge.teacher_fitted):
+            device = module_device(bridge)
+            self.fit_bridge_teacher(bridge, [state.to(device) for state in states.teacher],
+                                    states.position_mask.to(device))
+        return states
 
 
 def _load_projector_state(projector: nn.Module, path: str) -> None:
