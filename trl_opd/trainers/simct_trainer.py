@@ -30,21 +30,9 @@ import torch
 from transformers import AutoTokenizer
 from trl.data_utils import is_conversational
 
-from ..cross_tokenizer import (
-    align_texts,
-    segment_loss_coefficients,
-    segment_position_weights,
-    segment_teacher_coverage,
-    segment_tip_mask,
-    shared_vocabulary,
-    simct_loss,
-    simct_segments,
-    stack_segments,
-    token_table,
-    uld_loss,
-)
-from ..losses import entropy_from_logits
-from .lm_head import head_logits, output_head
+from ..cross_tokenizer import align_texts, shared_vocabulary, simct_segments, stack_segments, token_table
+from ..segment_objective import SegmentBatch, SegmentObjective
+from .lm_head import output_head
 from .opd_trainer import OPDTrainer
 from .simct_config import SimCTConfig
 
@@ -248,83 +236,16 @@ class SimCTTrainer(OPDTrainer):
             }
             hidden = self._teacher_hidden_state(teacher_inputs, ids.size(1))
             with torch.no_grad():
-                return head_logits(hidden, output_head(self._unwrapped_teacher()))
+                return output_head(self._unwrapped_teacher()).logits(hidden).float()
         input_ids, attention_mask = torch.cat([prompt_ids, ids], 1), torch.cat([prompt_mask, mask], 1)
         hidden = self._hidden_states(unwrapped_model, input_ids, attention_mask, ids.size(1))
-        return head_logits(hidden, output_head(unwrapped_model))
+        return output_head(unwrapped_model).logits(hidden).float()
 
-    def _per_segment_loss(self, student_logits, teacher_logits, batch: CrossTokenizedBatch) -> torch.Tensor:
-        """`[G]` loss of every compared segment (gradient to the student logits)."""
-        args = self.args
-        arguments = (student_logits, teacher_logits, batch.student_ids, batch.teacher_ids, batch.segments)
-        common = {"temperature": self.distillation_temperature, "reduction": "none"}
-        if args.cross_tokenizer_loss == "uld":
-            return uld_loss(*arguments, merge=args.uld_merge, **common)
-        return simct_loss(
-            *arguments, self._shared_ids, span_score=args.simct_span_score, exclusive_spans=args.simct_exclusive_spans,
-            **common,
-        )
-
-    @torch.no_grad()
-    def _segment_weights(self, batch: CrossTokenizedBatch, per_segment, student_entropy, teacher_logits=None):
-        """OPDTrainer's token weighting with one segment per token (see `SimCTConfig`), times the teacher-coverage
-        filter: `[G]` weights or None."""
-        args = self.args
-        factors = []
-        if args.simct_min_teacher_coverage > 0 and teacher_logits is not None:
-            coverage = segment_teacher_coverage(
-                teacher_logits, batch.teacher_ids, batch.segments, self._shared_ids[1], self.distillation_temperature
-            )
-            factors.append((coverage >= args.simct_min_teacher_coverage).float())
-        if args.token_selection != "none":
-            kept = segment_tip_mask(
-                batch.segments, student_entropy, per_segment.detach(), batch.student_ids.size(0),
-                ratio=args.token_ratio, strategy=args.token_selection.removeprefix("tip_"),
-                scope=args.token_selection_scope, generator=self._selection_generator(per_segment.device),
-            )
-            factors.append(kept.float())
-        if args.position_weighting != "none":
-            factors.append(segment_position_weights(
-                batch.segments, batch.student_mask, w_min=args.position_w_min, tau=args.position_tau,
-                slope=args.position_slope, direction=args.position_weighting,
-            ))
-        if not factors:
-            return None
-        weights = factors[0]
-        for factor in factors[1:]:
-            weights = weights * factor
-        return weights
-
-    @torch.no_grad()
-    def _segment_coefficients(self, batch: CrossTokenizedBatch, weights, inputs, num_items_in_batch):
-        """`[G]` coefficients with loss = Σ c·ℓ, scaled for gradient accumulation and DDP averaging like
-        `OPDTrainer._loss_coefficients` (token counts are the re-tokenised student tokens)."""
-        reduction = self.args.loss_reduction
-        training = self.model.training
-        row_tokens = batch.student_mask.sum(dim=1)
-        if reduction == "token_mean":  # the step's generated tokens; this micro-batch's student tokens in evaluation
-            return segment_loss_coefficients(batch.segments, row_tokens, weights, num_items=num_items_in_batch)
-        if reduction == "sequence_mean":
-            num_sequences = None
-            if training:
-                num_sequences = inputs["num_sequences_in_batch"].clamp(min=1) / self.accelerator.num_processes
-            return segment_loss_coefficients(
-                batch.segments, row_tokens, weights, reduction=reduction, num_sequences=num_sequences
-            )
-        num_items = None
-        if reduction == "weighted_mean" and training:  # Σ w·n over every process at this micro-step
-            counts = (batch.segments[:, 2] - batch.segments[:, 1]).float()
-            local = counts.sum() if weights is None else (counts * weights.float()).sum()
-            num_items = self._mean_over_processes(local)
-        coefficients = segment_loss_coefficients(
-            batch.segments, row_tokens, weights, reduction=reduction, num_items=num_items
-        )
-        return coefficients / self.current_gradient_accumulation_steps if training else coefficients
+    def _build_objective(self) -> SegmentObjective:
+        return SegmentObjective.from_config(self.args, temperature=self.distillation_temperature)
 
     def _compute_loss(self, unwrapped_student, inputs, num_items_in_batch):
-        """Σ over segments of c·ℓ (`_segment_coefficients`; by default c = 1 / `num_items_in_batch`, the step's
-        generated tokens per process, so the sum over micro-batches and processes is the token mean of the step;
-        gradient-accumulation exact). Without it (evaluation), by this micro-batch's re-tokenised student tokens.
+        """Re-tokenise and align, run both sides on their own tokenisation, then the segment objective.
         Returns (loss, entropy sum, student token count) like `trl.DistillationTrainer._compute_loss`."""
         batch = self._cross_tokenize(inputs)
         student_logits = self._completion_logits(
@@ -335,39 +256,16 @@ class SimCTTrainer(OPDTrainer):
             None, inputs["teacher_prompt_ids"], inputs["teacher_prompt_mask"],
             batch.teacher_ids, batch.teacher_mask, teacher=True,
         ).to(student_logits.device)
-        batch.segments = batch.segments.to(student_logits.device)
-        student_entropy = self._student_entropy(student_logits.detach())
-        weights = None
-        if len(batch.segments) == 0:  # nothing aligned (no anchor): a zero loss that still touches the graph
-            loss = student_logits.sum() * 0.0
-            loss_sum = loss.detach()
-        else:
-            per_segment = self._per_segment_loss(student_logits, teacher_logits, batch)
-            weights = self._segment_weights(batch, per_segment, student_entropy, teacher_logits)
-            coefficients = self._segment_coefficients(batch, weights, inputs, num_items_in_batch)
-            loss = (coefficients.to(per_segment.dtype) * per_segment).sum().to(student_logits.dtype)
-            loss_sum = per_segment.detach().sum()
-        self._stash_alignment_stats(batch, loss_sum, weights)
-        entropy_sum = (student_entropy * batch.student_mask).sum()
-        return loss, entropy_sum, batch.student_mask.sum()
-
-    def _student_entropy(self, student_logits) -> torch.Tensor:
-        """`[B, T_S]` entropy of the student's next-token distribution at the distillation temperature."""
-        return entropy_from_logits(student_logits, self.distillation_temperature)  # 0·log 0 = 0 at −inf logits
-
-    def _stash_alignment_stats(self, batch: CrossTokenizedBatch, loss_sum: torch.Tensor, weights=None) -> None:
-        """`simct/align_ratio`: share of student tokens inside a compared segment; `simct/segment_loss`: mean loss
-        per segment; `simct/shared_vocab_size`: |V∩|; with token weighting, `simct/selected_ratio` (segments with a
-        non-zero weight) and `simct/segment_weight` (mean weight per segment)."""
-        device = batch.student_mask.device
-        student_tokens = torch.tensor(float(batch.student_tokens), device=device)
-        covered = (batch.segments[:, 2] - batch.segments[:, 1]).sum().float().to(device)
-        segments = torch.tensor(float(len(batch.segments)), device=device)
-        self._stash_stat("simct/align_ratio", covered, student_tokens)
-        self._stash_stat("simct/segment_loss", loss_sum.float().to(device), segments)
-        shared = torch.tensor(float(len(self._shared_ids[0])), device=device)
-        self._stash_stat("simct/shared_vocab_size", shared, torch.ones((), device=device))
-        if weights is not None:
-            self._stash_stat("simct/selected_ratio", (weights != 0).sum().float().to(device), segments)
-            self._stash_stat("simct/segment_weight", weights.sum().float().to(device), segments)
-
+        segment_batch = SegmentBatch(
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            student_ids=batch.student_ids,
+            teacher_ids=batch.teacher_ids,
+            student_mask=batch.student_mask,
+            segments=batch.segments.to(student_logits.device),
+            shared_ids=self._shared_ids,
+        )
+        output = self.objective(segment_batch, self._step_normalisers(inputs, num_items_in_batch),
+                                selection_seed=self._selection_seed())
+        self._loss_stats.update(output.stats)
+        return output.loss, output.entropy_sum, output.num_tokens
