@@ -1,17 +1,14 @@
-"""OPDTrainer's loss chunk size: capped so one chunk never holds more logits than TRL's vocabulary tile."""
-
-import types
+"""The objective's loss chunk size: capped so one chunk never holds more logits than TRL's vocabulary tile."""
 
 import torch
 
-from trl_opd.trainers.opd_trainer import _OPDTrainerCore
+from trl_opd.losses import OutputHead
+from trl_opd.objective import ChunkPolicy
 
 
 def chunk_tokens(num_tokens, vocab, loss_chunk_size=1024, loss_vocab_size=None):
-    trainer = types.SimpleNamespace(args=types.SimpleNamespace(loss_chunk_size=loss_chunk_size),
-                                    _loss_vocab_size=loss_vocab_size)
-    head = types.SimpleNamespace(weight=torch.empty(vocab, 1))
-    return _OPDTrainerCore._loss_chunk_tokens(trainer, num_tokens, head)
+    head = OutputHead(torch.empty(vocab, 1), vocab_size=loss_vocab_size)  # the width the loss compares
+    return ChunkPolicy(loss_chunk_size=loss_chunk_size).loss_tokens(num_tokens, head.width)
 
 
 def test_small_vocabulary_keeps_loss_chunk_size():
