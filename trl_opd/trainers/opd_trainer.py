@@ -1,30 +1,23 @@
-"""`OPDTrainer`: `trl.DistillationTrainer` with the OPD divergence family, estimators, reductions and hook points.
+"""`OPDTrainer`: `trl.DistillationTrainer` with the OPD method family, as an orchestrator around `OPDObjective`.
 
 The parent generates on-policy completions once per gradient-accumulation window and hands micro-batches to
 `compute_loss`, which routes `_compute_loss` through the DDP/FSDP wrapper. We keep that machinery and override:
 
 * `_generate_and_score_completions` / `_generate_single_turn`: GKD's on/off-policy mix (`lmbda`, `seq_kd`), with
-  one coin per generation batch shared by every process, and the per-step sequence count for `sequence_mean`;
-* `_compute_loss`: student and teacher hidden states, then one chunked pass through both LM heads that computes
-  the per-token divergence, weights it (`_token_weights`, the entry point for token selection and weighting) and
-  reduces it (`loss_reduction`) without ever holding `[B, T, V]` logits.
+  one coin per generation batch shared by every process, teacher-aligned prompts (methods.md §7.3), privileged
+  teacher prompts and EDGE-OPD guided rows (§2, §5), and the per-step sequence count for `sequence_mean`;
+* `_compute_loss`: the student's and the teacher's forwards (with the capture request armed around each, for
+  OPRD), then one call of `self.objective` (`trl_opd.objective.OPDObjective`, built from the config): weight
+  factors, one reduction, the loss terms, the diagnostics. Its statistics are gathered over processes and logged.
 
-Token weights (`_token_weights`) multiply three optional factors, each computed on the completion mask under no_grad:
-TIP selection (methods.md §3; scored in a no-grad chunked pass, so only selected tokens reach the LM head with
-gradients), PW-OPSD position weights (§4) and the EDGE-OPD evidence mask (§5.2). Self-distillation (`teacher_model=
-"self"`, §0.9, §2) scores the same completion with a privileged teacher prompt (`teacher_prompt_ids`, built per row
-in `_generate_and_score_completions`); EDGE-OPD guided rollouts generate some rows from that prompt.
-
-OPD dynamics (§7): with `diagnostics_steps`, `_stash_diagnostics` logs the top-k overlap diagnostics and TIP's
-quadrant shares from the hidden states already in hand (no_grad, chunked); with `aligned_prompt_template`,
-`_align_prompts` formats a seeded share of the training prompts with the teacher's template.
+What is trained lives in `trl_opd/objective.py` (pure, tested without a trainer); this module decides which
+tensors it gets, on which device, with which step-level normalisers (`_step_normalisers`) and seed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-
 
 import numpy as np
 import torch
@@ -478,9 +471,6 @@ class _OPDTrainerCore(DistillationTrainer):
             count = self.accelerator.gather_for_metrics(count.detach().reshape(1).float()).sum()
             if count > 0:
                 self._metrics[mode][name].append((total / count).item())
-
-    def _stash_stat(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
-        self._loss_stats[name] = (total.float(), count.float())
 
     def _student_sequence(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
