@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .reduction import REDUCTIONS, token_units, unit_coefficients
+from .reduction import REDUCTIONS, token_units, unit_coefficients  # noqa: F401  (REDUCTIONS: re-exported)
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_forward_kl", "skew_reverse_kl")
 ESTIMATORS = ("analytic", "sampled_pg", "k2", "k3", "k3_plus")

@@ -31,6 +31,7 @@ from ..objective import CompletionBatch, LocalTeacher, OPDObjective
 from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
 from .aligned_prompts import aligned_prompt
+from .dataset_checks import check_datasets, check_teacher_argument, check_teacher_context
 from .lm_head import output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
@@ -82,12 +83,12 @@ class _OPDTrainerCore(DistillationTrainer):
             raise TypeError(f"{type(self).__name__} needs an OPDConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # Every check that needs no weights runs first, so bad input fails before anything is loaded.
-        self._check_teacher_argument(teacher_model)
+        check_teacher_argument(teacher_model)
         check_teacher_init_kwargs(teacher_model, args)
         self._self_teacher = args.uses_self_teacher(teacher_model)
         self._privileged = args.uses_teacher_context(teacher_model)
-        self._check_datasets(train_dataset, eval_dataset, args)
-        self._check_teacher_context(train_dataset, args, self._privileged)
+        check_datasets(train_dataset, eval_dataset, args)
+        check_teacher_context(train_dataset, args, self._privileged)
         # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
         student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
         self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
@@ -126,70 +127,6 @@ class _OPDTrainerCore(DistillationTrainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
-
-    @staticmethod
-    def _check_datasets(train_dataset, eval_dataset, args: OPDConfig) -> None:
-        datasets = {"train_dataset": train_dataset}
-        if isinstance(eval_dataset, dict):
-            datasets.update({f"eval_dataset[{name!r}]": data for name, data in eval_dataset.items()})
-        else:
-            datasets["eval_dataset"] = eval_dataset
-        for name, data in datasets.items():
-            columns = getattr(data, "column_names", None)
-            if data is None or columns is None:  # iterable datasets may not know their columns
-                continue
-            if "prompt" not in columns:
-                raise ValueError(
-                    f"`{name}` has no 'prompt' column (columns: {columns}). OPDTrainer generates from a 'prompt' "
-                    "column of plain strings or conversations; rename your prompt column, e.g. "
-                    "`dataset.rename_column('question', 'prompt')`."
-                )
-            if name == "train_dataset" and len(data) == 0:
-                raise ValueError("`train_dataset` is empty.")
-        needs_completions = args.lmbda < 1.0 and not args.seq_kd
-        train_columns = getattr(train_dataset, "column_names", None)
-        if needs_completions and train_columns is not None and "completion" not in train_columns:
-            raise ValueError(
-                f"lmbda={args.lmbda} makes some batches off-policy, which read the dataset's 'completion' column, but "
-                f"`train_dataset` has none (columns: {train_columns}). Add a 'completion' column, set seq_kd=True to "
-                "let the teacher generate them, or set lmbda=1.0 for pure on-policy training."
-            )
-
-    @staticmethod
-    def _check_teacher_argument(teacher_model) -> None:
-        if teacher_model is None:
-            raise ValueError(
-                "OPDTrainer needs a teacher: pass `teacher_model=` (a model id/path or a PreTrainedModel) or set "
-                "`teacher_model_name_or_path` in the OPDConfig."
-            )
-        if not isinstance(teacher_model, (str, PreTrainedModel)):
-            raise TypeError(
-                f"`teacher_model` must be a model id/path, a PreTrainedModel or {SELF_TEACHER!r}, "
-                f"got {type(teacher_model)}."
-            )
-
-    @staticmethod
-    def _check_teacher_context(train_dataset, args: OPDConfig, privileged: bool) -> None:
-        """The privileged prompt needs its dataset columns; guided rollouts need the privileged prompt."""
-        if args.guided_fraction > 0 and not privileged:
-            raise ValueError(
-                f"guided_fraction={args.guided_fraction} generates from the teacher's privileged prompt, but this "
-                "teacher gets none: use teacher_model='self' or set use_teacher_context=True (with a "
-                "`teacher_context_column` in the dataset), or set guided_fraction=0."
-            )
-        columns = getattr(train_dataset, "column_names", None)
-        if not privileged or columns is None:
-            return
-        needed = {"teacher_context_column": args.teacher_context_column}
-        if args.teacher_problem_column is not None:
-            needed["teacher_problem_column"] = args.teacher_problem_column
-        for name, column in needed.items():
-            if column not in columns:
-                raise ValueError(
-                    f"The teacher's privileged prompt reads the column {column!r} (`{name}`), but `train_dataset` has "
-                    f"none (columns: {columns}). Set `{name}` to the column that holds it, add the column, or turn the "
-                    "privileged context off with use_teacher_context=False."
-                )
 
     def _shared_vocab_size(self, model, teacher_model, student_tokenizer, args: OPDConfig) -> int | None:
         """None when both LM heads have the same width; the tokenizer's length when the heads are padded differently

@@ -32,6 +32,7 @@ from trl.data_utils import is_conversational
 
 from ..cross_tokenizer import align_texts, shared_vocabulary, simct_segments, stack_segments, token_table
 from ..segment_objective import SegmentBatch, SegmentObjective
+from .dataset_checks import check_teacher_argument
 from .lm_head import output_head
 from .opd_trainer import OPDTrainer
 from .simct_config import SimCTConfig
@@ -82,7 +83,7 @@ class SimCTTrainer(OPDTrainer):
         if not isinstance(args, SimCTConfig):
             raise TypeError(f"SimCTTrainer needs a SimCTConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        self._check_teacher_argument(teacher_model)
+        check_teacher_argument(teacher_model)
         if args.uses_self_teacher(teacher_model):
             raise ValueError("teacher_model='self' shares the student's tokenizer: use OPDTrainer for it.")
         # Loaded and checked before any model, so a missing tokenizer, or one without character offsets (a slow,
