@@ -220,8 +220,8 @@ def per_token_divergence(
 
     Args:
         student_logits: [..., V] student logits (any float dtype; gradient flows through them).
-        teacher_logits: [..., V] teacher logits. Not detached here: pass them without grad (the trainers
-            compute them under ``torch.no_grad()``).
+        teacher_logits: [..., V] teacher logits: a target, detached here (sg(·) of methods.md §0.2), so a
+            teacher computed with gradients (e.g. a self-teacher sharing the student's modules) never gets any.
         divergence: "forward_kl" = KL(p_T ‖ p_S); "reverse_kl" = KL(p_S ‖ p_T); "jsd" = TRL's generalized
             JSD with M = β p_T + (1 − β) p_S (β weights the teacher; β = 0 is exactly forward_kl and β = 1
             exactly reverse_kl, as TRL special-cases them); "tvd" = ½ Σ|p_T − p_S|; "skew_forward_kl" =
@@ -248,7 +248,7 @@ def per_token_divergence(
     _check_same_shape(student_logits, teacher_logits, "logits")
     dtype = _compute_dtype(student_logits)
     z_s = student_logits.to(dtype) / temperature
-    z_t = teacher_logits.to(dtype) / temperature
+    z_t = teacher_logits.detach().to(dtype) / temperature
     log_p_s, log_p_t = _support_log_probs(z_s, z_t, top_k, top_k_source, top_k_tail)
     return _divergence_from_log_probs(log_p_s, log_p_t, divergence, beta, alpha, clip)
 
@@ -299,12 +299,12 @@ def sampled_token_kl(
 
     With log r = log p_T(ŷ) − log p_S(ŷ) (both at T_d): k1 = −log r (unbiased, any sign), k2 = ½ (log r)²
     (biased, ≥ 0), k3 = (r − 1) − log r (unbiased, ≥ 0). Inputs [...] (same shape), output [...] in the
-    input's dtype; gradients flow through both inputs. Do not backpropagate k1 (its expected gradient is 0):
-    use :func:`sampled_token_loss` for training.
+    input's dtype; gradients flow through the student's log-probs only (the teacher is a target, detached here).
+    Do not backpropagate k1 (its expected gradient is 0): use :func:`sampled_token_loss` for training.
     """
     _check_choice("estimator", estimator, SAMPLED_KL_ESTIMATORS)
     _check_same_shape(student_logprobs, teacher_logprobs, "log-probs")
-    log_ratio = teacher_logprobs - student_logprobs
+    log_ratio = teacher_logprobs.detach() - student_logprobs
     if estimator == "k1":
         return -log_ratio
     if estimator == "k2":
