@@ -1,7 +1,8 @@
-"""Render the README's table of config fields from the dataclasses themselves, so the README cannot drift.
+"""Render the README's tables from the code itself, so the README cannot drift: the config fields (from the
+dataclasses) and the supported combinations (from the registry `trl_opd.trainers.support`).
 
-    python scripts/config_table.py            # rewrite the table between the README markers
-    python scripts/config_table.py --check    # exit 1 if the README's table is stale (used by the tests)
+    python scripts/config_table.py            # rewrite the tables between the README markers
+    python scripts/config_table.py --check    # exit 1 if a README table is stale (used by the tests)
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 # (config class, its TRL parent): only the fields a class adds or re-defaults are listed.
 CONFIGS = [
     ("trl_opd.trainers.opd_config", "OPDConfig", "trl", "DistillationConfig"),
@@ -29,16 +29,6 @@ def _load(module: str, name: str):
         return None
 
 
-def _own_fields(cls, parent) -> list[dataclasses.Field]:
-    inherited = {f.name: f for f in dataclasses.fields(parent)} if parent is not None else {}
-    own = []
-    for f in dataclasses.fields(cls):
-        base = inherited.get(f.name)
-        if base is None or base.default != f.default or base.metadata.get("help") != f.metadata.get("help"):
-            own.append(f)
-    return own
-
-
 def _default(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         return f"`{f.default!r}`"
@@ -48,6 +38,8 @@ def _default(f: dataclasses.Field) -> str:
 
 
 def render() -> str:
+    from trl_opd.trainers.support import own_fields
+
     lines = []
     for module, name, parent_module, parent_name in CONFIGS:
         cls = _load(module, name)
@@ -55,15 +47,31 @@ def render() -> str:
             continue
         parent = _load(parent_module, parent_name)
         lines += [f"**`{name}`** (extends `{parent_name}`)", "", "| field | default | meaning |", "|---|---|---|"]
-        for f in _own_fields(cls, parent):
+        for f in own_fields(cls, parent):
             meaning = " ".join(f.metadata.get("help", "").split()).replace("|", "\\|")
             lines.append(f"| `{f.name}` | {_default(f)} | {meaning} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
-def current_table(text: str) -> str:
-    start, end = text.index(START) + len(START), text.index(END)
+def render_support() -> str:
+    import tempfile
+
+    from trl_opd.trainers.support import render_support_table
+
+    with tempfile.TemporaryDirectory() as output_dir:  # the configs it builds are never used
+        return render_support_table(output_dir)
+
+
+# (start marker, end marker, renderer) of each generated table
+TABLES = [
+    ("<!-- config-table:start -->", "<!-- config-table:end -->", render),
+    ("<!-- support-table:start -->", "<!-- support-table:end -->", render_support),
+]
+
+
+def current_table(text: str, start_marker: str, end_marker: str) -> str:
+    start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
     return text[start:end].strip("\n") + "\n"
 
 
@@ -72,14 +80,17 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true")
     check = parser.parse_args(argv).check
     text = README.read_text()
-    table = render()
-    if check:
-        if current_table(text) != table:
-            print("README config table is stale: run `python scripts/config_table.py`.", file=sys.stderr)
-            return 1
-        return 0
-    start, end = text.index(START) + len(START), text.index(END)
-    README.write_text(text[:start] + "\n" + table + text[end:])
+    for start_marker, end_marker, renderer in TABLES:
+        table = renderer()
+        if check:
+            if current_table(text, start_marker, end_marker) != table:
+                print(f"README table {start_marker} is stale: run `python scripts/config_table.py`.", file=sys.stderr)
+                return 1
+            continue
+        start, end = text.index(start_marker) + len(start_marker), text.index(end_marker)
+        text = text[:start] + "\n" + table + text[end:]
+    if not check:
+        README.write_text(text)
     return 0
 
 

@@ -13,6 +13,7 @@ from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STR
 from .oprd import RepresentationArguments
 from .aligned_prompts import resolve_aligned_prompt_template
 from .self_distillation import SELF_TEACHER, resolve_teacher_prompt_template
+from .support import refuse_unsupported
 
 LOSS_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
 TOP_K_SOURCES = ("student", "teacher", "union")
@@ -356,6 +357,8 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
     )
     diagnostics_top_k: int = field(default=16, metadata={"help": "k of the top-k overlap diagnostics."})
 
+    trainer_name = "OPDTrainer"  # not a field: the trainer `support.refuse_unsupported` checks this config against
+
     def __post_init__(self):
         self._validate_opd_fields()
         super().__post_init__()
@@ -368,6 +371,7 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
     def _validate_opd_fields(self) -> None:
         """Checks that need no model: they run at construction, before anything expensive."""
         check_field_types(self, OPDConfig)
+        refuse_unsupported(self)  # a field this trainer (or this mode) would ignore: trainers/support.py
         self.validate_representation_arguments()
         _require_choice("divergence", self.divergence, DIVERGENCES)
         _require_choice("estimator", self.estimator, ESTIMATORS)

@@ -10,6 +10,7 @@ from typing import Any
 from trl import GRPOConfig
 
 from .opd_config import check_field_types
+from .support import refuse_unsupported
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class RLADConfig(GRPOConfig):
     )
     aapa_weight: float = field(default=0.1, metadata={"help": "Weight λ of the AAPA anchor reward."})
 
+    trainer_name = "RLADTrainer"  # not a field: the trainer `support.refuse_unsupported` checks this config against
+
     def __post_init__(self):
         self._validate_rlad_fields()
         super().__post_init__()
@@ -108,6 +111,7 @@ class RLADConfig(GRPOConfig):
     def _validate_rlad_fields(self) -> None:
         """Checks that need no model: they run at construction, before anything is loaded."""
         check_field_types(self, RLADConfig)
+        refuse_unsupported(self)  # a field RLADTrainer would ignore: trainers/support.py
         if not 0.0 <= self.rlad_alpha <= 1.0:
             raise ValueError(
                 f"`rlad_alpha` must be in [0, 1], got {self.rlad_alpha}: 1 is plain GRPO, 0 anchors the ratio to the "

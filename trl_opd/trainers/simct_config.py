@@ -9,23 +9,6 @@ from .opd_config import OPDConfig, _require_choice
 
 CROSS_TOKENIZER_LOSSES = ("simct", "simple", "uld")
 
-# OPDConfig options that act on per-token distributions over one shared vocabulary. SimCT's rows are per segment
-# over V∩ plus a span column, so these have no meaning here: each must keep its default.
-_UNSUPPORTED_OPD_OPTIONS = {
-    "divergence": ("reverse_kl", "SimCT's loss is the reverse KL of its segment rows"),
-    "estimator": ("analytic", "the segment rows are compared exactly"),
-    "loss_top_k": (None, "rows already cover only V∩ plus the span column"),
-    "clip": (None, "no per-entry clip on segment rows"),
-    "evidence_mode": ("none", "the evidence compares both models' log-probs of one token id"),
-    "seq_kd": (False, "the teacher cannot generate in the student's token ids"),
-    "guided_fraction": (0.0, "guided rollouts feed the teacher's prompt ids to the student"),
-    "token_importance_weighting": (False, "importance weights are not implemented per segment"),
-}
-# TIP strategies that work per segment: their scores need only the student entropy at the segment's first position
-# and the segment's own loss value. `tip_q3` scores by a forward KL over one shared vocabulary, which segment rows
-# do not have.
-SEGMENT_TOKEN_SELECTIONS = ("none", "tip_soft_or", "tip_entropy_sample", "tip_divergence_only")
-
 
 @dataclass
 class SimCTConfig(OPDConfig):
@@ -54,12 +37,15 @@ class SimCTConfig(OPDConfig):
       sequences; `"weighted_mean"` Σ w·ℓ / Σ w·n (the mean over the selected student tokens, TIP Eq. 9), across
       processes.
 
-    Not meaningful across tokenizers, so refused (each must keep its default): `divergence="reverse_kl"`,
-    `estimator="analytic"`, `loss_top_k=None`, `clip=None` (all act on one shared vocabulary), `token_selection=
-    "tip_q3"` (a forward KL over one vocabulary), `token_importance_weighting=False`, `evidence_mode="none"` (compares
-    both models' log-probs of one token id), `seq_kd=False` and `guided_fraction=0` (the teacher's token ids cannot
-    be fed to the student). The teacher cannot be `"self"` (same tokenizer: use OPDTrainer). `lmbda < 1`
-    (completions from the dataset) and the privileged teacher prompt work.
+    Refused at construction (each must keep its default; `trl_opd.trainers.support` is the registry, with the reason
+    for each): what acts on one shared vocabulary, `divergence` (SimCT's rows are a reverse KL) with `beta` and
+    `alpha`, `estimator`, `loss_top_k` with its source and tail, `clip`, `token_selection="tip_q3"`,
+    `token_importance_weighting`, `evidence_mode` with its threshold and quantile, `diagnostics_steps` and
+    `diagnostics_top_k`; what feeds one side's token ids to the other, `seq_kd`, `guided_fraction` and the teacher
+    `"self"` (same tokenizer: use OPDTrainer); what SimCTTrainer's loss never runs, OPRD (`representation_weight`,
+    `logit_weight` and the other OPRD fields) and the chunked LM-head settings (`loss_chunk_size`,
+    `loss_implementation`, `token_scoring_chunk_size`: both models' logits are materialised in full). `lmbda < 1`
+    (completions from the dataset), the privileged teacher prompt and teacher-aligned prompts work.
 
     Parameters:
         teacher_tokenizer_name_or_path (`str` or `None`, defaults to `None`):
@@ -117,6 +103,8 @@ class SimCTConfig(OPDConfig):
         metadata={"help": "Drop segments whose row covers less of the teacher's probability (0 = keep all)."},
     )
 
+    trainer_name = "SimCTTrainer"  # not a field: the trainer `support.refuse_unsupported` checks this config against
+
     def __post_init__(self):
         self._validate_simct_fields()
         super().__post_init__()
@@ -131,19 +119,5 @@ class SimCTConfig(OPDConfig):
                 "`simct_min_teacher_coverage` must be in [0, 1] (a share of the teacher's probability), got "
                 f"{self.simct_min_teacher_coverage}."
             )
-        if self.uses_self_teacher():
-            raise ValueError(
-                "teacher_model_name_or_path='self' shares the student's tokenizer; SimCTTrainer is for a teacher "
-                "with another tokenizer. Use OPDTrainer (OPDConfig) for self-distillation."
-            )
-        if self.token_selection not in SEGMENT_TOKEN_SELECTIONS:
-            raise ValueError(
-                f"SimCTConfig does not support token_selection={self.token_selection!r} (its score needs a forward KL "
-                f"over one shared vocabulary); choose one of {SEGMENT_TOKEN_SELECTIONS}, applied per segment."
-            )
-        for name, (default, reason) in _UNSUPPORTED_OPD_OPTIONS.items():
-            if getattr(self, name) != default:
-                raise ValueError(
-                    f"SimCTConfig does not support {name}={getattr(self, name)!r} ({reason}); leave it at "
-                    f"{default!r}."
-                )
+        # The OPDConfig fields SimCTTrainer does not run (OPRD, the top-k support, diagnostics, ...) are refused by
+        # `support.refuse_unsupported`, which OPDConfig's validation calls (the registry says which and why).
