@@ -24,7 +24,7 @@ def entropy(probs):
 def reference_overlap_stats(student_logits, teacher_logits, mask, k, temperature):
     """Textbook §7.1 definitions: loop over valid positions, top-k as Python sets."""
     sums = dict.fromkeys(OVERLAP_KEYS, 0.0)
-    count = overlapping = 0
+    count = overlapping = entries = 0
     for b, row in enumerate(mask):
         for t, valid in enumerate(row):
             if not valid:
@@ -47,8 +47,12 @@ def reference_overlap_stats(student_logits, teacher_logits, mask, k, temperature
                 sums["overlap_advantage"] += sum(
                     p_s[v] / z_s * (math.log(p_t[v] / z_t) - math.log(p_s[v] / z_s)) for v in shared
                 ) / len(shared)
+            # The authors' code: raw log-ratios of every intersection entry, pooled over positions.
+            entries += len(shared)
+            sums["overlap_advantage_pooled"] += sum(math.log(p_t[v]) - math.log(p_s[v]) for v in shared)
     stats = {key: value / count for key, value in sums.items()}
     stats["overlap_advantage"] = sums["overlap_advantage"] / overlapping
+    stats["overlap_advantage_pooled"] = sums["overlap_advantage_pooled"] / entries
     return stats, count
 
 

@@ -10,7 +10,13 @@ T_d, S^S_t = TopK(p_S,t, k), S^T_t = TopK(p_T,t, k) and I_t = S^S_t ∩ S^T_t:
 ``entropy_gap``           E_t[ |H(p_T,t) − H(p_S,t)| ]
 ``overlap_advantage``     E_t[ (1/|I_t|) Σ_{v∈I_t} p̄_S(v) (log p̄_T(v) − log p̄_S(v)) ], p̄ renormalised
                           over I_t; positions with an empty I_t are skipped (they count in no denominator)
+``overlap_advantage_``    Σ_t Σ_{v∈I_t} (log p_T,t(v) − log p_S,t(v)) / Σ_t |I_t|: the authors' code's form, the
+``pooled``                pooled mean of the raw (full-vocabulary) log-ratio over every entry of every intersection
 ========================  ================================================================================
+
+The two advantages differ on purpose (methods.md §7.1): ours is the per-position renormalised expectation the paper's
+text describes, the pooled one is what the released code computes and plots; log both to compare with the paper's
+curves.
 
 E_t averages over the valid (mask != 0) positions. Logits are processed a chunk of positions at a time, so
 at most one chunk's [n, V] softmax exists at once. Top-k ties follow ``torch.topk``.
@@ -36,13 +42,16 @@ OVERLAP_KEYS = (
     "teacher_overlap_mass",
     "entropy_gap",
     "overlap_advantage",
+    "overlap_advantage_pooled",
 )
 DIAGNOSTICS_PREFIX = "diagnostics/"
 # TIP's quadrant shares: logged once, under TIP's own names, by TIP's scoring pass or (TIP off) the diagnostics pass.
 QUADRANT_KEYS = tuple(f"tip/q{quadrant}_share" for quadrant in range(1, 5))
 
-# Layout of OverlapAccumulator.totals: per-position sums, plus the two counts that divide them.
-_TOTALS = ("num_tokens", *OVERLAP_KEYS, "num_overlapping_tokens")
+# Layout of OverlapAccumulator.totals: per-position sums, plus the counts that divide them.
+_TOTALS = ("num_tokens", *OVERLAP_KEYS, "num_overlapping_tokens", "num_overlap_entries")
+# The denominator of each average (the others divide by num_tokens).
+_DENOMINATORS = {"overlap_advantage": "num_overlapping_tokens", "overlap_advantage_pooled": "num_overlap_entries"}
 _INDEX = {name: index for index, name in enumerate(_TOTALS)}
 
 
@@ -75,6 +84,7 @@ def _overlap_sums(student_logits: Tensor, teacher_logits: Tensor, k: int, temper
     terms = torch.where(in_overlap, student_bar.exp() * (teacher_bar - student_bar), zeros).sum(dim=-1)
     overlapping = overlap_size > 0
     advantage = torch.where(overlapping, terms / overlap_size.clamp_min(1), torch.zeros_like(terms))
+    raw_log_ratio = torch.where(in_overlap, teacher_on_top - student_on_top, zeros).sum()
 
     sums = [
         float(student_logits.shape[0]),
@@ -83,7 +93,9 @@ def _overlap_sums(student_logits: Tensor, teacher_logits: Tensor, k: int, temper
         (teacher_on_top.exp() * in_overlap).sum(),
         entropy_gap.sum(),
         advantage.sum(),
+        raw_log_ratio,
         overlapping.sum(),
+        overlap_size.sum(),
     ]
     device = student_logits.device
     return torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in sums]), student_entropy
@@ -155,7 +167,7 @@ class OverlapAccumulator:
         return student_entropy
 
     def sums_and_counts(self, device=None) -> dict[str, tuple[Tensor, Tensor]]:
-        """{key: (sum, count)} float64 tensors of the five averages: ``compute()[key]`` is sum / count.
+        """{key: (sum, count)} float64 tensors of the averages: ``compute()[key]`` is sum / count.
 
         Summing both over processes (``gather`` then ``sum``) before dividing gives the statistics of the union of
         the processes' tokens; the pairs exist (zeros) even when nothing was fed, so every process sends the same.
@@ -165,21 +177,18 @@ class OverlapAccumulator:
             totals = torch.zeros(len(_TOTALS), dtype=torch.float64, device=device)
         elif device is not None:
             totals = totals.to(device)
-        num_tokens, num_overlapping = totals[_INDEX["num_tokens"]], totals[_INDEX["num_overlapping_tokens"]]
         return {
-            key: (totals[_INDEX[key]], num_overlapping if key == "overlap_advantage" else num_tokens)
-            for key in OVERLAP_KEYS
+            key: (totals[_INDEX[key]], totals[_INDEX[_DENOMINATORS.get(key, "num_tokens")]]) for key in OVERLAP_KEYS
         }
 
     def compute(self) -> dict[str, float]:
-        """The five §7.1 averages (NaN where nothing was counted) and ``num_tokens`` (an int)."""
+        """The §7.1 averages (NaN where nothing was counted) and ``num_tokens`` (an int)."""
         totals = [0.0] * len(_TOTALS) if self.totals is None else self.totals.tolist()
-        num_tokens, num_overlapping = totals[_INDEX["num_tokens"]], totals[_INDEX["num_overlapping_tokens"]]
         stats = {}
         for key in OVERLAP_KEYS:
-            denominator = num_overlapping if key == "overlap_advantage" else num_tokens
+            denominator = totals[_INDEX[_DENOMINATORS.get(key, "num_tokens")]]
             stats[key] = totals[_INDEX[key]] / denominator if denominator > 0 else math.nan
-        stats["num_tokens"] = int(round(num_tokens))
+        stats["num_tokens"] = int(round(totals[_INDEX["num_tokens"]]))
         return stats
 
 
@@ -202,7 +211,8 @@ def overlap_stats(
 
     Returns:
         ``overlap_ratio``, ``student_overlap_mass``, ``teacher_overlap_mass``, ``entropy_gap``,
-        ``overlap_advantage`` (floats; NaN when there is nothing to average) and ``num_tokens`` (int).
+        ``overlap_advantage``, ``overlap_advantage_pooled`` (floats; NaN when there is nothing to average) and
+        ``num_tokens`` (int).
     """
     _check_overlap_settings(k, temperature)
     _check_logits(student_logits, teacher_logits, k)
