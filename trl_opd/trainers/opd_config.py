@@ -8,15 +8,14 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
-from ..losses import DIVERGENCES, ESTIMATORS
+from ..losses import DIVERGENCES, ESTIMATORS, TOP_K_SOURCES
+from ..reduction import REDUCTIONS as LOSS_REDUCTIONS
 from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
 from .oprd import RepresentationArguments
 from .aligned_prompts import resolve_aligned_prompt_template
 from .self_distillation import SELF_TEACHER, resolve_teacher_prompt_template
 from .support import refuse_unsupported
 
-LOSS_REDUCTIONS = ("token_mean", "token_mean_microbatch", "sequence_mean", "weighted_mean")
-TOP_K_SOURCES = ("student", "teacher", "union")
 LOSS_IMPLEMENTATIONS = ("fused", "checkpointed")
 TOKEN_SELECTIONS = ("none",) + tuple(f"tip_{strategy}" for strategy in TIP_STRATEGIES)
 POSITION_WEIGHTINGS = ("none",) + POSITION_DIRECTIONS
@@ -235,8 +234,8 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             Every this many optimizer steps (at `global_step % diagnostics_steps == 0`, on every micro-batch of that
             step), and on every evaluation batch, log `trl_opd.diagnostics.overlap_stats` of the batch's completion
             tokens under `diagnostics/` (`overlap_ratio`, `student_overlap_mass`, `teacher_overlap_mass`,
-            `entropy_gap`, `overlap_advantage`; sums and counts gathered over processes, so a value is the mean over
-            every process's tokens), TIP's quadrant shares `diagnostics/tip_q{1..4}_share` (student entropy and the
+            `entropy_gap`, `overlap_advantage`, `overlap_advantage_pooled`; sums and counts gathered over processes, so a value is the mean over
+            every process's tokens), TIP's quadrant shares `tip/q{1..4}_share` (student entropy and the
             loss's per-token divergence split at the medians of the micro-batch) and, with `loss_top_k`, the
             unrenormalised masses `diagnostics/loss_support_{student,teacher}_mass` of the loss support. A no-grad
             pass over the hidden states already computed for the loss, `loss_chunk_size` tokens at a time, at the
