@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from transformers import AutoConfig
 import torch
 from datasets import Dataset
 
@@ -250,6 +251,16 @@ def model_dirs(tmp_path_factory):
 @case("model/tokenizer", "a teacher with another vocabulary (OPDTrainer)", "ValueError pointing to `SimCTTrainer`")
 def _(tmp_path, model_dirs):
     raises(ValueError, "SimCTTrainer", lambda: opd(model_dirs, tmp_path, teacher="other_vocab"))
+
+
+@case("model/tokenizer", "a teacher with another vocab_size, matched by a script written for TRL's error",
+      "ValueError that starts with TRL's own words: “The student model has vocab_size S but the teacher model has "
+      "vocab_size T.”")
+def _(tmp_path, model_dirs):
+    student = AutoConfig.from_pretrained(model_dirs["student"]).vocab_size
+    teacher = AutoConfig.from_pretrained(model_dirs["other_vocab"]).vocab_size
+    raises(ValueError, f"The student model has vocab_size {student} but the teacher model has vocab_size {teacher}.",
+           lambda: opd(model_dirs, tmp_path, teacher="other_vocab"))
 
 
 @case("model/tokenizer", "same vocabulary size, different tokenizers", "ValueError: “The student's and the teacher's "

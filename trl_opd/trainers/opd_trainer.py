@@ -45,6 +45,13 @@ ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 logger = hf_logging.get_logger(__name__)
 
 
+def _trl_vocab_words(student_vocab: int, teacher_vocab: int) -> str:
+    """TRL's own sentence for a vocabulary-size mismatch, so scripts that match DistillationTrainer's error still do."""
+    if student_vocab == teacher_vocab:
+        return ""
+    return f"The student model has vocab_size {student_vocab} but the teacher model has vocab_size {teacher_vocab}. "
+
+
 class _OPDTrainerCore(DistillationTrainer):
     """On-policy distillation trainer. See `OPDConfig` for every option.
 
@@ -138,7 +145,8 @@ class _OPDTrainerCore(DistillationTrainer):
         if student_tokenizer is not None and teacher_tokenizer is not None:
             if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
                 raise ValueError(
-                    f"The student's and the teacher's tokenizers differ (vocabularies of {len(student_tokenizer)} and "
+                    _trl_vocab_words(student_vocab, teacher_vocab)
+                    + f"The student's and the teacher's tokenizers differ (vocabularies of {len(student_tokenizer)} and "
                     f"{len(teacher_tokenizer)} tokens; LM heads of {student_vocab} and {teacher_vocab} entries). "
                     "OPDTrainer compares next-token distributions entry by entry, which needs one shared tokenizer. "
                     "Pick a teacher from the student's model family, or use `trl_opd.SimCTTrainer` for a teacher "
@@ -161,7 +169,8 @@ class _OPDTrainerCore(DistillationTrainer):
         )
         if not same_tokenizer:
             raise ValueError(
-                f"The student's vocabulary has {student_vocab} entries and the teacher's {teacher_vocab}, and their "
+                _trl_vocab_words(student_vocab, teacher_vocab)
+                + f"The student's vocabulary has {student_vocab} entries and the teacher's {teacher_vocab}, and their "
                 "tokenizers are not identical (or the teacher's tokenizer could not be loaded). OPDTrainer compares "
                 "next-token distributions entry by entry, which needs one shared tokenizer. For a teacher with another "
                 "tokenizer use `trl_opd.SimCTTrainer`."
