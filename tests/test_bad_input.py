@@ -80,6 +80,8 @@ CONFIG_CASES = [
     (OPDConfig, {"clip": 0.0}, "`clip` must be > 0"),
     (OPDConfig, {"estimator": "k2", "divergence": "forward_kl"}, "set divergence='reverse_kl'"),
     (OPDConfig, {"estimator": "sampled_pg", "loss_top_k": 4}, "uses only the sampled token"),
+    (OPDConfig, {"loss_top_k": 1}, "loss_top_k=1 with loss_top_k_source='student' renormalises"),
+    (OPDConfig, {"divergence": "skew_forward_kl", "alpha": 1.0}, "divergence='skew_forward_kl' with alpha=1 compares"),
     (OPDConfig, {"token_selection": "tip_random"}, "Unknown `token_selection`='tip_random'"),
     (OPDConfig, {"token_ratio": 0.0}, "`token_ratio` must be in (0, 1]"),
     (OPDConfig, {"token_importance_weighting": True}, "set token_selection='tip_entropy_sample'"),

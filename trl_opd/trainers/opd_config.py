@@ -83,7 +83,8 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         beta (`float`, defaults to `0.5`):
             Teacher weight in the mixture of `divergence="jsd"` (TRL/GKD convention). Ignored otherwise. GKD's default.
         alpha (`float`, defaults to `0.1`):
-            Skew of `skew_forward_kl` / `skew_reverse_kl` (DistiLLM). Ignored otherwise.
+            Skew of `skew_forward_kl` / `skew_reverse_kl` (DistiLLM), in [0, 1) for them (`1` compares a distribution
+            with itself: refused). Ignored otherwise.
         distillation_temperature (`float` or `None`, defaults to `None`):
             Temperature applied to both models' logits in the loss. `None` means "equal to `temperature`", the sampling
             temperature (DistillationTrainer and OPSD behaviour). No T² factor is applied.
@@ -95,14 +96,18 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         loss_top_k (`int` or `None`, defaults to `None`):
             Restrict the analytic divergence to the top-k tokens of `loss_top_k_source` and renormalise both
             distributions there. `None` uses the full vocabulary. (Named `loss_top_k` because `top_k` is the sampling
-            parameter inherited from `DistillationConfig`.)
+            parameter inherited from `DistillationConfig`.) `1` is refused unless `loss_top_k_tail=True`:
+            renormalised on one token both distributions are 1 and nothing trains (with `"union"`, wherever the two
+            argmaxes agree). The papers' "OPD top-1" is the sampled-token reverse KL, `estimator="sampled_pg"`.
         loss_top_k_source (`str`, defaults to `"student"`):
             `"student"`, `"teacher"` or `"union"` (the union of both top-k sets).
         loss_top_k_tail (`bool`, defaults to `False`):
             Instead of renormalising on the top-k support, add one tail class holding each side's leftover mass.
         clip (`float` or `None`, defaults to `None`):
             OPSD per-vocabulary-element clip τ: each entry's contribution to the divergence is capped at τ before the
-            vocabulary sum (the OPSD paper uses 0.05 with forward KL). The clipped loss can be negative.
+            vocabulary sum (the OPSD paper uses 0.05 with forward KL). The clipped loss can be negative. A position
+            whose every entry exceeds τ gets no gradient: with `tvd` or `jsd` (entries ≥ 0) on a one- or two-token
+            support that is any position where the two distributions differ by more than about 2τ.
 
         > Reduction (methods.md §0.7)
 
@@ -400,6 +405,7 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             raise ValueError(f"`loss_chunk_size` must be >= 1, got {self.loss_chunk_size}.")
         if self.estimator != "analytic":
             self._validate_sampled_estimator()
+        self._validate_nonzero_divergence()
         self._validate_token_selection()
         self._validate_position_weighting()
         self._validate_evidence_mask()
@@ -483,6 +489,32 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         if self.use_teacher_context is not None:
             return self.use_teacher_context
         return self.uses_self_teacher(teacher_model)
+
+    def _validate_nonzero_divergence(self) -> None:
+        """Settings whose divergence is 0 with a zero gradient for every input (a top-1 union: wherever the argmaxes
+        agree) are refused: they would train nothing. tests/test_zero_gradient.py checks that every accepted
+        setting has a gradient (methods.md §0.5, §1.2)."""
+        if self.loss_top_k == 1 and not self.loss_top_k_tail:
+            if self.loss_top_k_source == "union":
+                where = ("renormalises both distributions on {argmax p_S, argmax p_T}, one token wherever the two "
+                         "argmaxes agree (most positions once the student follows its teacher): there the divergence "
+                         "and its gradient are exactly 0, and with `clip` almost everywhere else too")
+            else:
+                where = ("renormalises both distributions on one token, where both are 1: the divergence and its "
+                         "gradient are exactly 0 and nothing trains")
+            raise ValueError(
+                f"loss_top_k=1 with loss_top_k_source={self.loss_top_k_source!r} {where} (with representation_weight "
+                "> 0, 'OPD + mu*OPRD' would silently be OPRD alone). The papers' 'OPD top-1' is the sampled-token "
+                "reverse KL: set estimator='sampled_pg' (their advantage form; 'k2' has the same gradient) and leave "
+                "loss_top_k unset. To keep a top-1 support instead, add loss_top_k_tail=True (the top token against "
+                "the rest of the mass) or use loss_top_k >= 2 (methods.md §0.5)."
+            )
+        if self.divergence in ("skew_forward_kl", "skew_reverse_kl") and self.alpha == 1:
+            raise ValueError(
+                f"divergence={self.divergence!r} with alpha=1 compares a distribution with itself (the mixture is "
+                "all of it): the divergence and its gradient are exactly 0. Use alpha in [0, 1) (DistiLLM: 0.1; "
+                "alpha=0 is the plain KL)."
+            )
 
     def _validate_sampled_estimator(self) -> None:
         if self.divergence != "reverse_kl":
