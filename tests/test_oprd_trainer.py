@@ -92,19 +92,20 @@ def kept_completion_indices(mask_row, last_k):
 
 
 def brute_force_oprd(student_states, teacher_states, layer_pairs, mask, widths, projections=None, last_k=None,
-                     normalize=False):
+                     normalize=False, offset=-1):
     """Eq. 6 by loops: per layer pair, the mean over kept (b, t) of (1/d)‖W h_S − h_T‖², then the mean over layers.
-    The state that predicts completion token t sits at prompt_width − 1 + t on each side."""
+    Completion token t is represented at prompt_width + offset + t on each side: −1, the state that predicts it
+    (trl_opd's default); 0, the state at the token (the reference code's `hidden_states[:, -R:]`)."""
     student_width, teacher_width = widths
     layer_losses = []
     for pair, (student_index, teacher_index) in enumerate(layer_pairs):
         total, count = 0.0, 0
         for b in range(mask.shape[0]):
             for t in kept_completion_indices(mask[b].tolist(), last_k):
-                s = student_states[student_index][b, student_width - 1 + t]
+                s = student_states[student_index][b, student_width + offset + t]
                 if projections is not None:
                     s = projections[pair].double() @ s
-                h = teacher_states[teacher_index][b, teacher_width - 1 + t]
+                h = teacher_states[teacher_index][b, teacher_width + offset + t]
                 if normalize:
                     s, h = s / s.norm(), h / h.norm()
                 total += ((s - h) ** 2).sum().item() / s.shape[0]
@@ -168,6 +169,9 @@ def test_config_parses_from_the_command_line(tmp_path):
         ({"bridge_path": "x.safetensors"}, "projector='bridge' only"),
         ({"projector": "bridge", "bridge_path": "/nonexistent.safetensors"}, "is not a file"),
         ({"logit_weight": 0.0, "token_selection": "tip_soft_or"}, "token_selection"),
+        ({"representation_position_convention": "after"}, "Unknown `representation_position_convention`"),
+        ({"representation_layer_map": "authors"}, "Unknown `representation_layer_map`"),
+        ({"representation_layer_map": "selected", "representation_layers": "1,2"}, "give the teacher no list"),
     ],
 )
 def test_config_rejects_bad_input(tmp_path, overrides, match):
@@ -183,31 +187,56 @@ def test_completion_positions_point_at_the_predicting_states():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     positions, position_mask = completion_positions(mask, prompt_width=5, last_k=2)
     assert positions[position_mask].tolist() == [5, 6, 4, 5]  # token t is predicted at P − 1 + t
+    at_token, at_token_mask = completion_positions(mask, prompt_width=5, last_k=2, convention="at_token")
+    assert at_token[at_token_mask].tolist() == [6, 7, 5, 6] and torch.equal(at_token_mask, position_mask)  # P + t
     with pytest.raises(ValueError, match="prompt width"):
         completion_positions(mask, prompt_width=0)
+    assert completion_positions(mask, prompt_width=0, convention="at_token")[0][0].tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="Unknown position convention"):
+        completion_positions(mask, prompt_width=5, convention="after")
 
 
-def test_trainer_capture_equals_output_hidden_states(student, teacher, tokenizer, tmp_path):
-    """The step's hooks give the states `output_hidden_states` gives at the predicting positions, each side sliced
-    from its own prompt width (the teacher here sees a longer, privileged prompt)."""
+@pytest.mark.parametrize(("convention", "offset"), [("predicting", -1), ("at_token", 0)])
+@pytest.mark.parametrize(
+    ("layers", "layer_map", "pairs"),
+    [
+        ("all", "depth", [(1, 1), (2, 3)]),  # Eq. 11 for 2 → 3 layers: 0→0, 1→2 (0-indexed)
+        ("odd", "depth", [(2, 3)]),  # the student's post-final-norm state with the teacher's
+        ("odd", "selected", [(2, 2)]),  # the reference map: the teacher's own odd list is [2]
+    ],
+)
+def test_trainer_capture_equals_output_hidden_states(student, teacher, tokenizer, tmp_path, convention, offset,
+                                                     layers, layer_map, pairs):
+    """The step's hooks give the states `output_hidden_states` gives at the chosen positions (predicting: P − 1 + t;
+    at the token: P + t, the reference code's `hidden_states[:, -R:]`) and layers, each side sliced from its own
+    prompt width (the teacher here sees a longer, privileged prompt)."""
     trainer = oprd(student, teacher, tokenizer, tmp_path, lmbda=0.0, max_completion_length=12, logit_weight=0.0,
-                   representation_layers="all", representation_last_k=3)
+                   representation_layers=layers, representation_last_k=3,
+                   representation_position_convention=convention, representation_layer_map=layer_map)
     batch = with_privileged_teacher_prompt(fixed_batch(trainer), extra_ids=[5, 6, 7])
     captured_student, captured_teacher, position_mask = trainer._capture_states(trainer.model, batch)
-    assert trainer._representation_plan.teacher_layers == [1, 3]  # Eq. 11 for 2 → 3 layers: 0→0, 1→2 (0-indexed)
-    assert [tuple(state.shape[1:]) for state in captured_student + captured_teacher] == [(3, 32)] * 2 + [(3, 48)] * 2
+    plan = trainer._representation_plan
+    assert list(zip(plan.student_layers, plan.teacher_layers)) == pairs
+    assert [tuple(state.shape[1:]) for state in captured_student + captured_teacher] == (
+        [(3, 32)] * len(pairs) + [(3, 48)] * len(pairs))
     student_states, student_width = side_states(trainer.model, batch)
     teacher_states, teacher_width = side_states(trainer.teacher_model, batch, teacher=True)
     assert teacher_width == student_width + 3
-    for captured, states, layers, width in (
-        (captured_student, student_states, [1, 2], student_width),
-        (captured_teacher, teacher_states, [1, 3], teacher_width),
+    for captured, states, layer_list, width in (
+        (captured_student, student_states, [s for s, _ in pairs], student_width),
+        (captured_teacher, teacher_states, [t for _, t in pairs], teacher_width),
     ):
-        for state, index in zip(captured, layers):
+        for state, index in zip(captured, layer_list):
             for b in range(position_mask.shape[0]):
                 kept = kept_completion_indices(batch["completion_mask"][b].tolist(), 3)
-                expected = states[index][b, [width - 1 + t for t in kept]]
+                expected = states[index][b, [width + offset + t for t in kept]]
                 torch.testing.assert_close(state[b][position_mask[b]].double(), expected, rtol=1e-5, atol=1e-6)
+    # The loss of the step is Eq. 6 on those states.
+    expected_loss = brute_force_oprd(student_states, teacher_states, pairs, batch["completion_mask"],
+                                     (student_width, teacher_width), projections=projection_weights(trainer),
+                                     last_k=3, offset=offset)
+    trainer.model.eval()
+    assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(expected_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize(("positions", "normalize"), [("all", False), ("last_k", True)])

@@ -28,10 +28,12 @@ from trl_opd.representation import (
     fit_bridge,
     layer_map,
     map_layers,
+    pair_layers,
     representation_loss,
     representation_loss_per_layer,
     resolve_layers,
     select_positions,
+    selected_layer_map,
 )
 
 VOCAB = 50
@@ -103,6 +105,80 @@ def test_map_layers_pairs_hf_indices():
     assert map_layers([1, 14, 28], 28, 36) == [eq11_one_indexed(layer, 28, 36) for layer in (1, 14, 28)]
     assert map_layers(resolve_layers("all", 5), 5, 5) == [1, 2, 3, 4, 5]
     assert map_layers([4], 4, 9) == [9]  # post-final-norm pairs with post-final-norm
+
+
+def reference_hidden_state_indices(num_layers: int, spec: str) -> list[int]:
+    """The reference code's `get_rep_distillation_hidden_state_indices`, from its HF `hidden_states` count L + 1."""
+    if spec == "last":
+        return [num_layers]
+    if spec == "all":
+        return list(range(1, num_layers + 1))
+    return [1 + layer for layer in range(0 if spec == "even" else 1, num_layers, 2)]
+
+
+def authors_pairs(spec: str, num_student: int, num_teacher: int) -> list[tuple[int, int]] | None:
+    """§6.5 item 9 in exact arithmetic: each side selects its own list; the i-th student layer of n_S pairs with the
+    teacher's layer of relative rank i/(n_S − 1) in its n_T (round half to even), one student layer with the
+    teacher's last. None at an exact tie (the float32 grid may land either side, as for Eq. 11)."""
+    student = reference_hidden_state_indices(num_student, spec)
+    teacher = reference_hidden_state_indices(num_teacher, spec)
+    n_s, n_t = len(student), len(teacher)
+    if n_s == 1:
+        return [(student[0], teacher[-1])]
+    ranks = [Fraction(i * (n_t - 1), n_s - 1) for i in range(n_s)]
+    if any(rank.denominator == 2 for rank in ranks):
+        return None
+    return [(layer, teacher[round(rank)]) for layer, rank in zip(student, ranks)]
+
+
+def test_selected_layer_map_is_the_reference_map_over_each_sides_list():
+    """28 → 36 with "even" (issue 16, item 3): the reference code keeps the teacher in its own even list; Eq. 11
+    pairs by depth over all layers (methods.md §6.5 item 9)."""
+    student, teacher = pair_layers("even", 28, 36, "selected")
+    assert student == list(range(1, 28, 2))
+    assert teacher == [1, 3, 7, 9, 11, 15, 17, 19, 21, 25, 27, 29, 33, 35]
+    assert pair_layers("even", 28, 36, "depth")[1] == [1, 4, 6, 9, 11, 14, 17, 19, 22, 24, 27, 30, 32, 35]
+    assert pair_layers("odd", 28, 36, "selected")[1] == [2, 4, 8, 10, 12, 16, 18, 20, 22, 26, 28, 30, 34, 36]
+    assert pair_layers("even", 36, 28, "selected")[1] == [1, 3, 5, 5, 7, 9, 11, 11, 13, 15, 17, 17, 19, 21, 23, 23,
+                                                          25, 27]
+    compared = 0
+    for spec in ("even", "odd", "all", "last"):
+        for num_student in range(1, 30):
+            for num_teacher in range(1, 40):
+                if spec == "odd" and 1 in (num_student, num_teacher):
+                    continue  # a 1-layer model has no odd layer: resolve_layers refuses the empty list
+                expected = authors_pairs(spec, num_student, num_teacher)
+                if expected is None:
+                    continue
+                student, teacher = pair_layers(spec, num_student, num_teacher, "selected")
+                assert list(zip(student, teacher)) == expected, (spec, num_student, num_teacher)
+                compared += 1
+    assert compared > 3000
+
+
+def test_the_two_layer_maps_agree_except_for_even_and_odd_across_depths():
+    for num_student in range(2, 30):
+        for num_teacher in range(1, 40):
+            for spec in ("all", "last"):
+                assert pair_layers(spec, num_student, num_teacher, "selected") == pair_layers(
+                    spec, num_student, num_teacher, "depth"), (spec, num_student, num_teacher)
+        for spec in ("even", "odd", "all", "last"):  # equal depths: both the identity
+            assert pair_layers(spec, num_student, num_student, "selected")[1] == resolve_layers(spec, num_student)
+    for spec in ("even", "odd", "all", "last", [3, 1]):
+        assert pair_layers(spec, 5, 9, "depth") == (resolve_layers(spec, 5), map_layers(resolve_layers(spec, 5), 5, 9))
+    assert pair_layers("all", 1, 4, "selected") == ([1], [4])  # one student layer: the teacher's last
+    assert pair_layers("all", 1, 4, "depth") == ([1], [1])  # Eq. 11's grid: linspace(0, 3, 1) = [0]
+
+
+def test_selected_layer_map_edge_cases_and_errors():
+    assert selected_layer_map(3, 3) == [0, 1, 2]
+    assert selected_layer_map(1, 5) == [4]
+    assert selected_layer_map(4, 1) == [0, 0, 0, 0]
+    assert selected_layer_map(14, 18) == torch.linspace(0, 17, 14).round().long().tolist()
+    with pytest.raises(ValueError, match="gives the teacher no list|give the teacher no list"):
+        pair_layers([2, 4], 4, 8, "selected")
+    with pytest.raises(ValueError, match="Unknown layer map"):
+        pair_layers("all", 4, 8, "proportional")
 
 
 # ------------------------------------------------------------------------------------------------ positions

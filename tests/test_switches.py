@@ -34,15 +34,17 @@ THINK_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if t
 class Case:
     """`on`: the settings that switch the field on; `off`: the same run with the field at its default (a tuning
     field is set together with the switch that enables it, in both runs); `data`: "plain" or "chat" (conversational
-    prompts and a chat template that reads the argument `think`)."""
+    prompts and a chat template that reads the argument `think`); `teacher`: OPDTrainer's teacher, "teacher" (as
+    deep as the student) or "deep_teacher" (one layer more)."""
 
     on: dict
     off: dict = field(default_factory=dict)
     data: str = "plain"
+    teacher: str = "teacher"
 
 
-def case(on: dict, off: dict | None = None, data: str = "plain") -> Case:
-    return Case(on, {} if off is None else off, data)
+def case(on: dict, off: dict | None = None, data: str = "plain", teacher: str = "teacher") -> Case:
+    return Case(on, {} if off is None else off, data, teacher)
 
 
 TIP, POSITION, PRIVILEGED = {"token_selection": "tip_soft_or"}, {"position_weighting": "increasing"}, \
@@ -95,6 +97,11 @@ OPD_CASES = {
     "representation_positions": case({**OPRD, "representation_last_k": 2, "representation_positions": "all"},
                                      {**OPRD, "representation_last_k": 2}),
     "representation_last_k": case({**OPRD, "representation_last_k": 2}, OPRD),
+    "representation_position_convention": case({**OPRD, "representation_position_convention": "at_token"}, OPRD),
+    # 2 → 3 layers, "odd": the student's [2] pairs with the teacher's 3 by depth, with its last odd layer 2 in the
+    # reference code's map over each side's list.
+    "representation_layer_map": case({**OPRD, "representation_layers": "odd", "representation_layer_map": "selected"},
+                                     {**OPRD, "representation_layers": "odd"}, teacher="deep_teacher"),
     "representation_normalize": case({**OPRD, "representation_normalize": True}, OPRD),
     "projector": case(RANDOM_BRIDGE, OPRD),
     "bridge_rank": case({**RANDOM_BRIDGE, "bridge_rank": 2}, RANDOM_BRIDGE),
@@ -190,6 +197,7 @@ def world(tmp_path_factory):
         "teacher_tokenizer": {"plain": teacher_tokenizer, "chat": teacher_flagged},
         "student": tiny_model(tokenizer, hidden=32, seed=0),
         "teacher": tiny_model(tokenizer, hidden=48, seed=1),
+        "deep_teacher": tiny_model(tokenizer, hidden=48, layers=3, seed=1),
         "char_teacher": char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=1),
         "rlad_teacher": rlad_teacher,
         "data": {"plain": plain, "chat": chat},
@@ -208,11 +216,11 @@ def config(world, trainer: str, settings: dict, **overrides):
     return CONFIGS[trainer][0](output_dir=world["output_dir"], **{**common, **settings})
 
 
-def build(world, trainer: str, args, data: str = "plain"):
+def build(world, trainer: str, args, data: str = "plain", teacher: str = "teacher"):
     tokenizer, dataset = world["tokenizer"][data], world["data"][data]
     student = copy.deepcopy(world["student"])
     if trainer == "OPDTrainer":
-        teacher = None if args.uses_self_teacher() else copy.deepcopy(world["teacher"])
+        teacher = None if args.uses_self_teacher() else copy.deepcopy(world[teacher])
         return OPDTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
     if trainer == "SimCTTrainer":
         return SimCTTrainer(student, copy.deepcopy(world["char_teacher"]), args=args, train_dataset=dataset,
@@ -226,10 +234,10 @@ def first_step(world):
     """`first_step(trainer, settings, data)`: the first logged step of a 1-step run, timings left out (cached)."""
     done = {}
 
-    def run(trainer: str, settings: dict, data: str = "plain") -> dict:
-        key = (trainer, data, repr(sorted(settings.items())))
+    def run(trainer: str, settings: dict, data: str = "plain", teacher: str = "teacher") -> dict:
+        key = (trainer, data, teacher, repr(sorted(settings.items())))
         if key not in done:
-            run_trainer = build(world, trainer, config(world, trainer, settings), data)
+            run_trainer = build(world, trainer, config(world, trainer, settings), data, teacher)
             run_trainer.train()
             logged = run_trainer.state.log_history[0]
             done[key] = {name: value for name, value in logged.items() if name not in VOLATILE}
@@ -294,7 +302,8 @@ def test_switch_changes_the_step_or_is_refused(first_step, world, trainer, name)
         assert alone is not None, f"{trainer} refuses {switch.on} but accepts {name} alone: {message}"
         check_refusal(world, trainer, name, alone)
         return
-    on, off = first_step(trainer, switch.on, switch.data), first_step(trainer, switch.off, switch.data)
+    on = first_step(trainer, switch.on, switch.data, switch.teacher)
+    off = first_step(trainer, switch.off, switch.data, switch.teacher)
     changed = sorted(key for key in on.keys() | off.keys() if on.get(key) != off.get(key))
     assert changed, f"{trainer} accepted {switch.on} and logged exactly what it logs with {switch.off}: {on}"
 

@@ -1,7 +1,8 @@
-"""No accepted config trains nothing (issue 16, item 1): for every setting of the loss-shaping fields that `OPDConfig`
-accepts, the objective's gradient with respect to the student's hidden states is not identically zero on generic
-inputs. The known traps are refused at construction instead: a top-1 support renormalised on its one token (both
-distributions are 1 there, methods.md §0.5) and a skewed KL with α = 1 (it compares a distribution with itself, §1.2).
+"""No accepted config trains nothing (issue 16, item 1): for every setting of the loss-shaping fields that
+`OPDConfig` accepts, the objective's gradient with respect to the student's hidden states is not identically zero
+on generic inputs. The known traps are refused at construction instead: a top-1 support renormalised on its one
+token (both distributions are 1 there, methods.md §0.5) and a skewed KL with α = 1 (it compares a distribution with
+itself, §1.2).
 
 "Generic inputs" hold both kinds of positions a run sees: a student far from the teacher and one close to it. The
 OPSD clip zeroes the gradient of a position whose every support entry exceeds τ (by design, §2.1), which with TVD or

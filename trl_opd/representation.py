@@ -3,7 +3,9 @@
 Pieces a trainer composes in its ``_compute_loss``:
 
 * layer bookkeeping: :func:`resolve_layers` (config forms ``"last" | "all" | "even" | "odd" | [i, ...]``),
-  :func:`layer_map` (proportional depth map, Eq. 11) and :func:`map_layers` (student → teacher indices);
+  :func:`layer_map` (proportional depth map, Eq. 11), :func:`map_layers` (student → teacher indices),
+  :func:`selected_layer_map` (the reference code's map over each side's selected list) and :func:`pair_layers`
+  (both sides' indices for a specification, by either map, §6.5 item 9);
 * positions: :func:`select_positions` (all supervised positions, or the last k per row, as a compact
   ``[B, K]`` index plus mask);
 * capture: :func:`find_decoder_layers` (decoder layer list and final norm, through PEFT / DDP / FSDP /
@@ -21,8 +23,8 @@ is not supported: it carries no computation of the student to distil.
 
 Typical use in a trainer (representation-only mode, the student's LM head is never computed)::
 
-    layers_s = resolve_layers(args.representation_layers, num_student_layers)
-    layers_t = map_layers(layers_s, num_student_layers, num_teacher_layers)
+    layers_s, layers_t = pair_layers(args.representation_layers, num_student_layers, num_teacher_layers,
+                                     args.representation_layer_map)
     positions, position_mask = select_positions(completion_mask_full, last_k=args.representation_last_k)
     with torch.no_grad():
         teacher_states = capture_hidden_states(teacher, layers_t, positions=positions, grad=False,
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 LAYER_SPECS = ("last", "all", "even", "odd")
+LAYER_MAPS = ("depth", "selected")  # how a student layer finds its teacher layer (pair_layers, §6.5 item 9)
 
 # Attributes under which wrappers keep the wrapped model: DDP / FSDP1 / torch.compile / PEFT / HF heads /
 # multimodal models. Searched breadth-first, direct children only.
@@ -140,6 +143,51 @@ def map_layers(student_layers: Sequence[int], num_student_layers: int, num_teach
     mapping = layer_map(num_student_layers, num_teacher_layers)
     student_layers = resolve_layers(list(student_layers), num_student_layers)
     return [mapping[index - 1] + 1 for index in student_layers]
+
+
+def selected_layer_map(num_student_selected: int, num_teacher_selected: int) -> list[int]:
+    """Position in the teacher's selected list of each position in the student's (0-indexed): the reference code's
+    proportional map over the two selected lists (`get_proportional_layer_indices`).
+
+    Equal lengths: the identity; one student layer: the teacher's last; one teacher layer: all to it; otherwise
+    ``torch.linspace(0, n_T − 1, n_S).round()`` (float32 grid, round half to even), i.e. the i-th selected student
+    layer pairs with the teacher's layer at the same relative rank i/(n_S − 1) in the teacher's own list.
+    """
+    _check_positive_int("num_student_selected", num_student_selected)
+    _check_positive_int("num_teacher_selected", num_teacher_selected)
+    if num_student_selected == num_teacher_selected:
+        return list(range(num_student_selected))
+    if num_student_selected == 1:
+        return [num_teacher_selected - 1]
+    return layer_map(num_student_selected, num_teacher_selected)  # one teacher layer: linspace(0, 0, n) = zeros
+
+
+def pair_layers(
+    spec: str | Sequence[int], num_student_layers: int, num_teacher_layers: int, convention: str = "depth"
+) -> tuple[list[int], list[int]]:
+    """(student indices, teacher indices) distilled for a layer specification (HF ``hidden_states``, 1-indexed).
+
+    ``convention="depth"`` (trl_opd's default): the student's layers of ``spec`` and, for each, the teacher layer
+    at the same relative depth over all layers (:func:`map_layers`, Eq. 11). ``"selected"`` (the reference code):
+    each side resolves ``spec`` on its own depth (``"even"`` → the teacher's own 1, 3, 5, ...) and the i-th student
+    layer pairs with the teacher's layer at the same relative rank in that list (:func:`selected_layer_map`); only
+    for the named specifications, since an explicit list of student indices gives the teacher no list. The two
+    agree for ``"all"`` and ``"last"`` (and at equal depths) except with a one-layer student, and differ for
+    ``"even"``/``"odd"`` across depths (§6.5 item 9).
+    """
+    if convention not in LAYER_MAPS:
+        raise ValueError(f"Unknown layer map {convention!r}; choose one of {LAYER_MAPS}.")
+    student_layers = resolve_layers(spec, num_student_layers)
+    if convention == "depth":
+        return student_layers, map_layers(student_layers, num_student_layers, num_teacher_layers)
+    if not (isinstance(spec, str) and spec in LAYER_SPECS):
+        raise ValueError(
+            f"The 'selected' layer map pairs each side's own {LAYER_SPECS} list; the explicit student layers "
+            f"{student_layers} give the teacher no list. Use the 'depth' map (Eq. 11) for explicit indices."
+        )
+    teacher_list = resolve_layers(spec, num_teacher_layers)
+    ranks = selected_layer_map(len(student_layers), len(teacher_list))
+    return student_layers, [teacher_list[rank] for rank in ranks]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,8 +15,12 @@ Two pieces that compose with any `OPDTrainer` / `OPDConfig` without editing them
 states at the position that *predicts* ŷ_t, i.e. sequence index P − 1 + t for a prompt of (padded) width P —
 exactly the positions whose logits the OPD loss compares (methods.md §0.8). Each side is sliced from its own
 prompt width, so a teacher with a longer (privileged) prompt is paired by completion position (§6.5 item 5).
-The positions are the supervised ones (completion mask × tool mask, the generated EOS included), all of them
-or each row's last k (`representation_positions`). Layer indices follow HF `hidden_states` (§6.5 item 2).
+`representation_position_convention="at_token"` pairs the states *at* ŷ_t instead (index P + t, the reference
+code's `hidden_states[:, -R:]`; §6.5 item 9). The positions are the supervised ones (completion mask × tool mask,
+the generated EOS included), all of them or each row's last k (`representation_positions`). Layer indices follow
+HF `hidden_states` (§6.5 item 2); the teacher's layer of each student layer is the one at the same relative depth
+(Eq. 11), or with `representation_layer_map="selected"` the reference code's map over each side's own
+`"even"`/`"odd"` list (`representation.pair_layers`).
 
 **No extra forward.** The states are captured by forward hooks (`HiddenStateCapture`) on the selected decoder
 layers only, gathering only the selected positions, during the forwards the step runs anyway: in the
@@ -50,6 +54,7 @@ from torch import nn
 
 from ..objective import OPDObjective
 from ..representation import (
+    LAYER_MAPS,
     LAYER_SPECS,
     BridgeProjector,
     CaptureRequest,
@@ -58,14 +63,15 @@ from ..representation import (
     module_device,
     RepresentationProjector,
     find_decoder_layers,
-    map_layers,
-    resolve_layers,
+    pair_layers,
     select_positions,
 )
 
 PROJECTOR_NAME = "oprd_projector"
 PROJECTOR_FILE = f"{PROJECTOR_NAME}.safetensors"
 REPRESENTATION_POSITIONS = ("all", "last_k")
+# Which state stands for completion token t: the one predicting it (P − 1 + t) or the one at it (P + t).
+POSITION_CONVENTIONS = ("predicting", "at_token")
 PROJECTORS = ("auto", "linear", "bridge", "none")
 # Logit-side switches that choose or weight tokens of the OPD loss; they have nothing to act on without it.
 _LOGIT_ONLY_SWITCHES = {"token_selection": "none", "position_weighting": "none", "evidence_mode": "none"}
@@ -119,12 +125,24 @@ class RepresentationArguments:
             Distilled student layers as HF `hidden_states` indices (1..L; L = output of the final norm):
             `"all"` (1..L), `"last"` (L), `"even"` (1, 3, 5, ...: even 0-indexed decoder layers, the reference
             code's naming), `"odd"` (2, 4, 6, ...), or explicit indices `"7,14,28"` (a list of ints in Python or
-            YAML). Teacher layers follow by the proportional depth map (Eq. 11).
+            YAML). Teacher layers follow by `representation_layer_map`.
+        representation_layer_map (`str`, defaults to `"depth"`):
+            The teacher layer of each distilled student layer. `"depth"`: the one at the same relative depth over
+            all layers (Eq. 11, `map_layers`), whatever specification selected the student layer. `"selected"`: the
+            reference code's map, for `"all"`/`"last"`/`"even"`/`"odd"` only: the teacher resolves the same
+            specification on its own depth and the i-th student layer pairs with the layer at the same relative
+            rank in the teacher's list (differs from `"depth"` for `"even"`/`"odd"` across depths, e.g. 28 → 36
+            layers; methods.md §6.5 item 9).
         representation_positions (`str`, defaults to `"last_k"`):
             Completion positions distilled: `"all"` supervised positions, or each row's last
             `representation_last_k` (the paper's default; student and teacher diverge most in the tail).
         representation_last_k (`int`, defaults to `2000`):
             k of `"last_k"`: each row keeps its last min(k, L_b) supervised positions.
+        representation_position_convention (`str`, defaults to `"predicting"`):
+            Which hidden state stands for completion token ŷ_t: `"predicting"`, the state that predicts it
+            (index P − 1 + t after a prompt of width P, where the OPD loss reads its logits), or `"at_token"`, the
+            state at ŷ_t itself (P + t, the reference code's `hidden_states[:, -R:]`, one position later: it drops
+            the state predicting the first token and adds the one after the last; methods.md §6.5 item 9).
         representation_normalize (`bool` or `None`, defaults to `None`):
             L2-normalise both states before the squared error (the OPRD-Bridge loss, Eq. 15; the loss becomes
             much smaller, so raise `representation_weight`). `None` means "yes with `projector="bridge"`, no
@@ -165,6 +183,14 @@ class RepresentationArguments:
         default="last_k", metadata={"help": "Distilled completion positions: all | last_k."}
     )
     representation_last_k: int = field(default=2000, metadata={"help": "k of representation_positions=last_k."})
+    representation_position_convention: str = field(
+        default="predicting",
+        metadata={"help": "State of completion token t: predicting (index P-1+t, as OPD) | at_token (P+t, reference)."},
+    )
+    representation_layer_map: str = field(
+        default="depth",
+        metadata={"help": "Teacher layer per student layer: depth (Eq. 11) | selected (reference: within even/odd)."},
+    )
     representation_normalize: bool | None = field(
         default=None,
         metadata={"help": "L2-normalise both states first (Bridge loss). None: True with projector=bridge."},
@@ -216,6 +242,17 @@ class RepresentationArguments:
             raise ValueError(
                 f"Unknown `representation_positions`={self.representation_positions!r}; choose 'all' or 'last_k'."
             )
+        for name, choices in (("representation_position_convention", POSITION_CONVENTIONS),
+                              ("representation_layer_map", LAYER_MAPS)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"Unknown `{name}`={value!r}; choose one of {', '.join(map(repr, choices))}.")
+        if self.representation_layer_map == "selected" and not isinstance(self.representation_layers, str):
+            raise ValueError(
+                f"representation_layer_map='selected' pairs each model's own {'/'.join(LAYER_SPECS)} list (the "
+                f"reference code's map); the explicit student layers {self.representation_layers} give the teacher "
+                "no list. Use representation_layer_map='depth' (Eq. 11) with explicit indices."
+            )
         for name, smallest in (("representation_last_k", 1), ("bridge_rank", 1), ("bridge_fit_prompts", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
@@ -254,22 +291,29 @@ class RepresentationArguments:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def completion_positions(loss_mask: torch.Tensor, prompt_width: int, last_k: int | None = None):
-    """Indices into a `[prompt ‖ completion]` forward of the states that predict the supervised completion tokens.
+def completion_positions(
+    loss_mask: torch.Tensor, prompt_width: int, last_k: int | None = None, convention: str = "predicting"
+):
+    """Indices into a `[prompt ‖ completion]` forward of the states that stand for the supervised completion tokens.
 
     Args:
         loss_mask: `[B, C]` mask of supervised completion tokens (completions right-padded).
         prompt_width: P, the padded prompt width of this side's sequence (prompts left-padded).
         last_k: keep each row's last min(k, L_b) supervised positions; `None` keeps all.
+        convention: `"predicting"`: completion token t is represented by the state that predicts it, at P − 1 + t;
+            `"at_token"`: by the state at the token itself, at P + t (the reference code's `hidden_states[:, -R:]`).
 
     Returns:
-        `(positions [B, K], position_mask [B, K])`: completion token t is predicted by the state at P − 1 + t.
-        Padding entries point at P − 1 (a valid index) and are masked out.
+        `(positions [B, K], position_mask [B, K])`. Padding entries point at the offset (a valid index) and are
+        masked out.
     """
-    if prompt_width < 1:
+    if convention not in POSITION_CONVENTIONS:
+        raise ValueError(f"Unknown position convention {convention!r}; choose one of {POSITION_CONVENTIONS}.")
+    offset = prompt_width - 1 if convention == "predicting" else prompt_width
+    if offset < 0:
         raise ValueError(f"The prompt width must be >= 1 to predict the first completion token, got {prompt_width}.")
     index, position_mask = select_positions(loss_mask, last_k=last_k)
-    return index + (prompt_width - 1), position_mask
+    return index + offset, position_mask
 
 
 @dataclass
@@ -279,6 +323,7 @@ class _RepresentationPlan:
     student_layers: list[int]
     teacher_layers: list[int]
     last_k: int | None
+    position_convention: str
     normalize: bool
     student_width: int
     teacher_width: int
@@ -320,11 +365,13 @@ class RepresentationDistillationMixin:
             teacher_stack = find_decoder_layers(self._unwrapped_teacher())
         except ValueError as error:
             raise ValueError(f"Teacher: {error}") from None
-        student_layers = resolve_layers(args.representation_layers, student_stack.num_layers)
+        student_layers, teacher_layers = pair_layers(args.representation_layers, student_stack.num_layers,
+                                                     teacher_stack.num_layers, args.representation_layer_map)
         self._representation_plan = _RepresentationPlan(
             student_layers=student_layers,
-            teacher_layers=map_layers(student_layers, student_stack.num_layers, teacher_stack.num_layers),
+            teacher_layers=teacher_layers,
             last_k=args.representation_last_k if args.representation_positions == "last_k" else None,
+            position_convention=args.representation_position_convention,
             normalize=args.effective_representation_normalize,
             student_width=self.model.config.get_text_config().hidden_size,
             teacher_width=self._unwrapped_teacher().config.get_text_config().hidden_size,
@@ -410,8 +457,10 @@ class RepresentationDistillationMixin:
         loss_mask = self._loss_mask(inputs)
         student_prompt_width = self._student_sequence(inputs)[0].size(1) - completion_width
         teacher_prompt_width = self._teacher_sequence(inputs)[0].size(1) - completion_width
-        student_positions, position_mask = completion_positions(loss_mask, student_prompt_width, plan.last_k)
-        teacher_positions, _ = completion_positions(loss_mask, teacher_prompt_width, plan.last_k)
+        student_positions, position_mask = completion_positions(loss_mask, student_prompt_width, plan.last_k,
+                                                                plan.position_convention)
+        teacher_positions, _ = completion_positions(loss_mask, teacher_prompt_width, plan.last_k,
+                                                    plan.position_convention)
         return _BridgeFittingRequest(
             student_capture=HiddenStateCapture(unwrapped_student, plan.student_layers, positions=student_positions),
             teacher_capture=HiddenStateCapture(self._unwrapped_teacher(), plan.teacher_layers,

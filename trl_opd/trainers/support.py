@@ -111,8 +111,8 @@ COMPONENTS = {c.name: c for c in (
     # hidden states (methods.md §6)
     _component("oprd", "OPRD hidden-state distillation", ["representation_weight"],
                ["logit_weight", "representation_layers", "representation_positions", "representation_last_k",
-                "representation_normalize", "projector", "bridge_rank", "bridge_path", "bridge_fit_prompts",
-                "allow_random_projector"]),
+                "representation_position_convention", "representation_layer_map", "representation_normalize",
+                "projector", "bridge_rank", "bridge_path", "bridge_fit_prompts", "allow_random_projector"]),
     # another tokenizer (methods.md §8)
     _component("cross_tokenizer", "the cross-tokenizer segment losses (SimCT, ULD)", ["cross_tokenizer_loss"],
                ["teacher_tokenizer_name_or_path", "simct_span_score", "shared_vocabulary_mode", "uld_merge",
