@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_foresight, when run as a script
 from bench_foresight import opd_args, setup_process, testbed_parser, write_results
 
 MODELS = ("student_before", "opd", "monosoup_erank", "monosoup_energy")

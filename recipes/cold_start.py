@@ -29,15 +29,7 @@ tokens) generate offline with vLLM and pass the filtered rows to `trl_opd.cold_s
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
-
-from common import RecipeArguments, load_models_and_data, parse_recipe_args, train_and_report
-
 from trl_opd import OPDConfig, OPDTrainer
-from trl_opd.trainers.aligned_prompts import aligned_prompt
 from trl_opd.cold_start import (
     ColdStartArguments,
     cold_start_sft,
@@ -46,6 +38,8 @@ from trl_opd.cold_start import (
     split_prompts,
     teacher_answers,
 )
+from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
+from trl_opd.trainers.aligned_prompts import aligned_prompt
 
 
 def load_models(setup, args: OPDConfig, model_args):
@@ -99,7 +93,10 @@ def main(recipe: RecipeArguments, args: OPDConfig, model_args, cold: ColdStartAr
         processing_class=tokenizer,
         peft_config=setup.peft_config,
     )
-    train_and_report(setup, trainer, args.output_dir, evaluate_before=False)  # "before" was the cold start's
+    trainer.train()  # no "student before" here: that was measured before the cold start
+    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
+    setup.evaluate("student after", trainer.model)
+    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
 
 
 if __name__ == "__main__":

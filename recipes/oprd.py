@@ -17,16 +17,28 @@ The trained projector is saved next to the model as `oprd_projector.safetensors`
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from trl_opd import OPDConfig, OPDTrainer
+from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
 
-from common import parse_recipe_args  # noqa: E402
-from opd import main  # noqa: E402  (OPRD is OPD with representation_weight > 0: the YAML does the rest)
-from trl_opd import OPDConfig  # noqa: E402
+def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:
+    # OPRD is OPD with representation_weight > 0 (the YAML does the rest). With projector=bridge and no
+    # bridge_path, `trainer.train()` first fits the bridge (Stage 1) on the student's rollouts.
+    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
+    trainer = OPDTrainer(
+        model=setup.student,
+        teacher_model=setup.teacher,
+        args=args,
+        train_dataset=setup.train_dataset,
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+    )
+    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
+    trainer.train()
+    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
+    setup.evaluate("student after", trainer.model)
+    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
 
-# With projector=bridge and no bridge_path, `trainer.train()` first fits the bridge (Stage 1) on the student's rollouts.
 
 if __name__ == "__main__":
     main(*parse_recipe_args(OPDConfig))

@@ -16,13 +16,8 @@ student's prompt) and `teacher_context_column`. A dataset with `problem` and `so
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
-
-from common import RecipeArguments, distil, load_models_and_data, parse_recipe_args  # noqa: E402
-from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
+from trl_opd import OPDConfig, OPDTrainer
+from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
 
 # The student's message in every OPSD version (methods.md §2.3).
 STUDENT_PROMPT = "Problem: {problem}\n\nPlease reason step by step, and put your final answer within \\boxed{{}}."
@@ -39,9 +34,20 @@ def with_student_prompt(dataset):
 
 
 def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)
-    teacher = "self" if args.uses_self_teacher() else setup.teacher
-    distil(OPDTrainer, setup, args, teacher_model=teacher, train_dataset=with_student_prompt(setup.train_dataset))
+    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
+    trainer = OPDTrainer(
+        model=setup.student,
+        teacher_model="self" if args.uses_self_teacher() else setup.teacher,  # "self": the student's initial weights
+        args=args,
+        train_dataset=with_student_prompt(setup.train_dataset),
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+    )
+    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
+    trainer.train()
+    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
+    setup.evaluate("student after", trainer.model)
+    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
 
 
 if __name__ == "__main__":

@@ -18,15 +18,10 @@ anchor reward (train the discriminator with `trl_opd.anchor.AnchorDiscriminator`
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
-
-from common import RecipeArguments, distil, load_models_and_data, parse_recipe_args  # noqa: E402
-from trl_opd import RLADConfig, RLADTrainer  # noqa: E402
-from trl_opd.eval.prompts import render_problem  # noqa: E402
-from trl_opd.rewards import boxed_format_reward, math_accuracy_reward  # noqa: E402
+from trl_opd import RLADConfig, RLADTrainer
+from trl_opd.eval.prompts import render_problem
+from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
+from trl_opd.rewards import boxed_format_reward, math_accuracy_reward
 
 REWARD_FUNCS = [math_accuracy_reward, boxed_format_reward]
 
@@ -39,9 +34,21 @@ def with_math_instruction(dataset):
 
 
 def main(recipe: RecipeArguments, args: RLADConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)
-    train_dataset = setup.train_dataset if recipe.testbed else with_math_instruction(setup.train_dataset)
-    distil(RLADTrainer, setup, args, reward_funcs=REWARD_FUNCS, train_dataset=train_dataset)
+    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
+    trainer = RLADTrainer(
+        model=setup.student,
+        teacher_model=setup.teacher,
+        reward_funcs=REWARD_FUNCS,
+        args=args,
+        train_dataset=setup.train_dataset if recipe.testbed else with_math_instruction(setup.train_dataset),
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+    )
+    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
+    trainer.train()
+    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
+    setup.evaluate("student after", trainer.model)
+    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
 
 
 if __name__ == "__main__":

@@ -16,17 +16,25 @@ Offline toy (a character-level teacher and a BPE student on the testbed, CPU, mi
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `recipes/common.py` when run as a script
-
-from common import RecipeArguments, distil, load_models_and_data, parse_recipe_args  # noqa: E402
-from trl_opd import SimCTConfig, SimCTTrainer  # noqa: E402
+from trl_opd import SimCTConfig, SimCTTrainer
+from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
 
 
 def main(recipe: RecipeArguments, args: SimCTConfig, model_args) -> None:
-    distil(SimCTTrainer, load_models_and_data(recipe, args, model_args), args)
+    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
+    trainer = SimCTTrainer(
+        model=setup.student,
+        teacher_model=setup.teacher,  # with its own tokenizer (`teacher_tokenizer_name_or_path`)
+        args=args,
+        train_dataset=setup.train_dataset,
+        processing_class=setup.tokenizer,
+        peft_config=setup.peft_config,
+    )
+    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
+    trainer.train()
+    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
+    setup.evaluate("student after", trainer.model)
+    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
 
 
 if __name__ == "__main__":

@@ -13,6 +13,5 @@ from tiny import end_distributed_run  # noqa: E402
 
 if __name__ == "__main__":
     sys.argv = sys.argv[1:]
-    sys.path.insert(0, str(Path(sys.argv[0]).resolve().parent))
     runpy.run_path(sys.argv[0], run_name="__main__")
     end_distributed_run()

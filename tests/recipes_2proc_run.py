@@ -17,12 +17,9 @@ from tiny import end_distributed_run  # noqa: E402
 
 if __name__ == "__main__":
     out_dir, names = Path(sys.argv[1]), sys.argv[2:]
-    sys.path.insert(0, str(RECIPES))
     for name in names:
         yaml_path = RECIPES / "toy" / f"{name}.yaml"
         sys.argv = [str(script_of(yaml_path)), "--config", str(yaml_path), *SMOKE, *TOY_RUNS[name],
                     "--output_dir", str(out_dir / name)]
-        for module in ("common", "opd"):
-            sys.modules.pop(module, None)
         runpy.run_path(sys.argv[0], run_name="__main__")
     end_distributed_run()

@@ -120,11 +120,8 @@ for _class, _overrides, _message in CONFIG_CASES:
 
 
 def parse_yaml(tmp_path, text: str):
-    sys.path.insert(0, str(REPO / "recipes"))
-    try:
-        from common import parse_recipe_args
-    finally:
-        sys.path.remove(str(REPO / "recipes"))
+    from trl_opd.recipes import parse_recipe_args
+
     path = tmp_path / "recipe.yaml"
     path.write_text(f"testbed: main\noutput_dir: {tmp_path / 'out'}\nuse_cpu: true\nbf16: false\n{text}")
     argv, sys.argv = sys.argv, ["recipe.py", "--config", str(path)]

@@ -37,9 +37,6 @@ def script_of(yaml_path: Path) -> Path:
 def run_recipe(script: Path, *arguments: str, monkeypatch) -> None:
     """Run a recipe script in this process, as `python script arguments...`."""
     monkeypatch.setattr(sys, "argv", [str(script), *arguments])
-    monkeypatch.syspath_prepend(str(RECIPES))
-    for name in ("common", "opd"):  # the recipes' own helpers: import them fresh for each script
-        sys.modules.pop(name, None)
     runpy.run_path(str(script), run_name="__main__")
 
 

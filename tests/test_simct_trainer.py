@@ -348,17 +348,16 @@ def test_weighted_training_runs_and_logs_the_selection(student, teacher, tokeniz
 
 
 @pytest.mark.parametrize("name", ["simct.yaml", "toy/simct.yaml"])
-def test_recipes_parse(name, monkeypatch):
+def test_recipes_parse(name):
     """Every key of the recipes is a field of RecipeArguments, SimCTConfig or ModelConfig (no model is loaded)."""
     from pathlib import Path
 
     import yaml
     from trl import ModelConfig, TrlParser
 
-    recipes = Path(__file__).resolve().parent.parent / "recipes"
-    monkeypatch.syspath_prepend(str(recipes))
-    from common import RecipeArguments
+    from trl_opd.recipes import RecipeArguments
 
+    recipes = Path(__file__).resolve().parent.parent / "recipes"
     config = yaml.safe_load((recipes / name).read_text())
     config.pop("env")
     config["bf16"] = False  # the real recipe asks for bf16 on GPUs

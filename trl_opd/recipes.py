@@ -1,6 +1,17 @@
-"""What every recipe shares: argument parsing, model/data loading (real or toy testbed), and the toy report.
+"""What the scripts in ``recipes/`` share: argument parsing, model and data loading (real or toy testbed), saving a
+run and the toy report.
 
-Recipes stay short scripts a researcher can read top to bottom; the plumbing lives here.
+A recipe imports these and spells out, top to bottom, what its method does: parse the config, build the trainer,
+train, save, evaluate and report::
+
+    recipe, args, model_args = parse_recipe_args(OPDConfig)     # --config file.yaml + command-line overrides
+    setup = load_models_and_data(recipe, args, model_args)      # toy testbed (teacher evaluated) or real models
+    trainer = OPDTrainer(model=setup.student, teacher_model=setup.teacher, args=args, ...)
+    setup.evaluate("student before", trainer.model)             # toy only: held-out greedy accuracy
+    trainer.train()
+    save_run(trainer)
+    setup.evaluate("student after", trainer.model)
+    setup.report(args.output_dir)                               # toy: teacher / before / after, gap recovered
 """
 
 from __future__ import annotations
@@ -20,11 +31,11 @@ class RecipeArguments(ScriptArguments):
     """Dataset arguments of TRL's `ScriptArguments`, plus the offline toy testbed.
 
     testbed: name of a `trl_opd.testbed` setting ("main", "multistrategy", or for SimCT "multistrategy_bpe_student"
-        (a character-level teacher and a BPE student) and "multistrategy_bpe_teacher" (the reverse); "smoke" and "smoke_bpe_teacher" are barely trained
-        pairs that build in seconds, for checking that a recipe runs). When set, the teacher and the student
-        are the testbed's (trained from scratch on the first run, then cached), the training prompts come from the
-        task's generator, and the held-out accuracy is reported before and after training. `model_name_or_path`,
-        `teacher_model_name_or_path` and `dataset_name` are then ignored.
+        (a character-level teacher and a BPE student) and "multistrategy_bpe_teacher" (the reverse); "smoke" and
+        "smoke_bpe_teacher" are barely trained pairs that build in seconds, for checking that a recipe runs). When
+        set, the teacher and the student are the testbed's (trained from scratch on the first run, then cached), the
+        training prompts come from the task's generator, and the held-out accuracy is reported before and after
+        training. `model_name_or_path`, `teacher_model_name_or_path` and `dataset_name` are then ignored.
     testbed_seed: seed of the testbed's teacher and student (not of training; that is `seed`).
     testbed_student: "default" (the setting's cached student) or "context_literate" (a student that can read a
         worked solution in its prompt: the starting point of the self-distillation recipes OPSD, PW-OPSD and
@@ -105,6 +116,10 @@ def _print_resolved(parsed) -> None:
 
 @dataclass
 class RecipeSetup:
+    """What a recipe trains with. On the toy testbed: model objects, the task's prompts and held-out problems (and
+    `results`, the accuracies measured so far). On real models: the names the trainer loads, the dataset, the PEFT
+    config."""
+
     student: object
     teacher: object
     tokenizer: object
@@ -126,12 +141,34 @@ class RecipeSetup:
             print(f"[trl_opd] {name}: {100 * score:.1f}% on {len(self.eval_problems)} held-out problems", flush=True)
         return score
 
+    def report(self, output_dir: str) -> dict | None:
+        """Toy only: print teacher / before / after and the share of the gap recovered; write them to
+        `output_dir/results.json` (main process)."""
+        results = self.results
+        if not {"teacher", "student before", "student after"} <= results.keys():
+            return None
+        gap = results["teacher"] - results["student before"]
+        results["gap_recovered"] = (results["student after"] - results["student before"]) / gap if gap > 0 else None
+        if _is_main_process():
+            recovered = results["gap_recovered"]
+            print(
+                f"\n[trl_opd] teacher {100 * results['teacher']:.1f}% | student before"
+                f" {100 * results['student before']:.1f}% | student after {100 * results['student after']:.1f}%"
+                f" | gap recovered {'n/a' if recovered is None else f'{recovered:.2f}'}",
+                flush=True,
+            )
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            (Path(output_dir) / "results.json").write_text(json.dumps(results, indent=2))
+        return results
+
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def load_models_and_data(recipe: RecipeArguments, args, model_args: ModelConfig) -> RecipeSetup:
+    """The toy testbed's pair (teacher evaluated) when `recipe.testbed` is set, else the real models' names (their
+    init kwargs set on `args`) and the dataset."""
     if recipe.testbed is not None:
         return _toy_setup(recipe, args)
     return _real_setup(recipe, args, model_args)
@@ -194,52 +231,13 @@ def _toy_setup(recipe: RecipeArguments, args) -> RecipeSetup:
     return setup
 
 
-def report_toy_results(setup: RecipeSetup, output_dir: str) -> dict | None:
-    """Print teacher / before / after and the share of the gap recovered; write them to results.json."""
-    results = setup.results
-    if not {"teacher", "student before", "student after"} <= results.keys():
-        return None
-    gap = results["teacher"] - results["student before"]
-    results["gap_recovered"] = (results["student after"] - results["student before"]) / gap if gap > 0 else None
-    if _is_main_process():
-        recovered = results["gap_recovered"]
-        print(
-            f"\n[trl_opd] teacher {100 * results['teacher']:.1f}% | student before {100 * results['student before']:.1f}%"
-            f" | student after {100 * results['student after']:.1f}%"
-            f" | gap recovered {'n/a' if recovered is None else f'{recovered:.2f}'}",
-            flush=True,
-        )
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "results.json").write_text(json.dumps(results, indent=2))
-    return results
-
-
-def distil(trainer_class, setup: RecipeSetup, args, **overrides) -> None:
-    """Build `trainer_class` on the setup's student, teacher, data, tokenizer and PEFT config (any of them replaced
-    by `overrides`, e.g. `teacher_model="self"` or RLAD's `reward_funcs`), then `train_and_report`."""
-    trainer = trainer_class(**{
-        "model": setup.student,
-        "teacher_model": setup.teacher,
-        "args": args,
-        "train_dataset": setup.train_dataset,
-        "processing_class": setup.tokenizer,
-        "peft_config": setup.peft_config,
-        **overrides,
-    })
-    train_and_report(setup, trainer, args.output_dir)
-
-
-def train_and_report(setup: RecipeSetup, trainer, output_dir: str, evaluate_before: bool = True) -> None:
-    """Evaluate (toy only), train, save the model and the trainer state (its log history), plot the OPD
-    diagnostics when `diagnostics_steps` is on, evaluate again and report teacher / before / after."""
-    if evaluate_before:
-        setup.evaluate("student before", trainer.model)
-    trainer.train()
+def save_run(trainer) -> None:
+    """Save the model and the trainer state (`trainer_state.json`: the run's logged losses and metrics) to the
+    run's `output_dir`, and plot the OPD diagnostics there when `diagnostics_steps` is on."""
+    output_dir = trainer.args.output_dir
     trainer.save_model(output_dir)
-    trainer.save_state()  # trainer_state.json: the logged losses and metrics of the run
+    trainer.save_state()
     if getattr(trainer.args, "diagnostics_steps", 0) and trainer.accelerator.is_main_process:
         from trl_opd.diagnostics import plot_diagnostics
 
         plot_diagnostics(trainer.state.log_history, f"{output_dir}/diagnostics")
-    setup.evaluate("student after", trainer.model)
-    report_toy_results(setup, output_dir)
