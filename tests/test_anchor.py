@@ -1,4 +1,4 @@
-"""AAPA anchor discriminator and reward (methods.md §11.2)."""
+"""AAPA anchor discriminator and reward (methods.md §11.2), its schedule, baseline and policy term (§11.3)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from trl_opd.anchor import AnchorDiscriminator, anchor_reward, completion_text, make_anchor_reward
+from trl_opd.anchor import (
+    AnchorDiscriminator,
+    AnchorSchedule,
+    anchor_policy_loss,
+    anchor_reward,
+    completion_text,
+    leave_one_out_advantages,
+    make_anchor_reward,
+)
 
 SMALL = {"num_buckets": 4096, "ngram_range": (2, 3)}
 
@@ -211,3 +219,67 @@ def test_bad_input_gives_clear_errors():
     trained_one.fit(["a"], ["b"], steps=1, validation_fraction=0.0)
     with pytest.raises(ValueError, match="list of strings"):
         trained_one.score("a single string")
+
+
+# ---------------------------------------------------------------- the staged weight, the baseline, the policy term
+
+
+@pytest.mark.parametrize("start,ramp", [(0, 0), (3, 0), (2, 4), (0, 1)])
+def test_schedule_matches_its_formula(start, ramp):
+    schedule = AnchorSchedule(0.3, start, ramp)
+    for step in range(12):
+        if step < start:
+            expected = 0.0
+        elif ramp == 0:
+            expected = 0.3
+        else:
+            expected = 0.3 * min(1.0, (step - start) / ramp)
+        assert schedule.weight_at(step) == pytest.approx(expected)
+    assert AnchorSchedule(0.3, 2, 4).weight_at(4) == pytest.approx(0.15)  # half-way up the ramp
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"weight": math.inf}, "aapa_weight"), ({"start_step": -1}, "aapa_start_step"),
+     ({"ramp_steps": 1.5}, "aapa_ramp_steps"), ({"ramp_steps": True}, "aapa_ramp_steps")],
+)
+def test_schedule_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AnchorSchedule(**kwargs)
+
+
+def test_leave_one_out_advantages_match_brute_force():
+    scores = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    rows = torch.tensor([True, True, False, True, True])
+    taken = [i for i in range(5) if rows[i]]
+    expected = [
+        scores[i].item() - sum(scores[j].item() for j in taken if j != i) / (len(taken) - 1) if rows[i] else 0.0
+        for i in range(5)
+    ]
+    torch.testing.assert_close(leave_one_out_advantages(scores, rows), torch.tensor(expected))
+    everyone = leave_one_out_advantages(scores)
+    torch.testing.assert_close(everyone, scores - (scores.sum() - scores) / 4)
+    assert leave_one_out_advantages(scores, torch.tensor([False, False, True, False, False])).eq(0).all()
+
+
+def test_anchor_policy_loss_is_reinforce_with_zero_value():
+    """Value 0; gradient −w Σ_{b,t} c_bt A_b ∇log π(ŷ_bt), against a float64 brute-force loop."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 7, (3, 4), generator=generator)
+    coefficients = torch.rand(3, 4, generator=generator, dtype=torch.float64) * torch.tensor([[1, 1, 1, 0]] * 3)
+    advantages = torch.tensor([0.7, -1.2, 0.0], dtype=torch.float64)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1))[..., 0]
+    loss = anchor_policy_loss(logp, advantages, coefficients, weight=0.4)
+    assert loss.item() == 0.0
+    (grad,) = torch.autograd.grad(loss, logits)
+    surrogate = 0.0
+    for b in range(3):
+        for t in range(4):
+            log_probs = torch.log_softmax(logits[b, t], -1)
+            surrogate = surrogate - 0.4 * coefficients[b, t].item() * advantages[b].item() * log_probs[tokens[b, t]]
+    (expected,) = torch.autograd.grad(surrogate, logits)
+    torch.testing.assert_close(grad, expected)
+    assert grad[2].eq(0).all() and grad[:, 3].eq(0).all()  # A = 0 and c = 0 contribute nothing
+    with pytest.raises(ValueError, match="advantages"):
+        anchor_policy_loss(logp, advantages[:2], coefficients, weight=0.4)

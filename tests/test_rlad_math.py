@@ -10,7 +10,14 @@ import pytest
 import torch
 from trl.trainer.grpo_trainer import GRPOTrainer
 
-from trl_opd.rlad import policy_loss_per_token, teacher_clamp_mask, trrd_anchor_logp, trrd_log_ratio
+from trl_opd.rlad import (
+    policy_loss_per_token,
+    scale_gradient,
+    teacher_clamp_mask,
+    trrd_anchor_logp,
+    trrd_log_ratio,
+    trrd_logp_grad_scale,
+)
 
 
 def random_logps(shape=(3, 5), seed=0, spread=2.0):
@@ -32,7 +39,7 @@ def brute_force_trrd(logp, old, teacher, alpha, clamp, mode):
     return torch.tensor(values, dtype=torch.float64).view(logp.shape), torch.tensor(grads).view(logp.shape)
 
 
-@pytest.mark.parametrize("mode", ["straight_through", "hard"])
+@pytest.mark.parametrize("mode", ["straight_through", "literal"])
 @pytest.mark.parametrize("alpha,clamp", [(0.5, 1.0), (0.0, 0.3), (0.8, 2.5), (0.3, math.inf)])
 def test_trrd_log_ratio_matches_brute_force(mode, alpha, clamp):
     logp, old, teacher = random_logps()
@@ -41,13 +48,13 @@ def test_trrd_log_ratio_matches_brute_force(mode, alpha, clamp):
     torch.testing.assert_close(result, expected)
     (grad,) = torch.autograd.grad(result.sum(), logp)
     torch.testing.assert_close(grad, expected_grad.double())
-    if mode == "hard" and clamp < 1 and alpha < 1:
+    if mode == "literal" and clamp < 1 and alpha < 1:
         assert (grad == alpha).any() and (grad == 1).any()  # both regimes are exercised
 
 
 def test_alpha_one_is_exactly_grpo_ratio():
     logp, old, teacher = random_logps(seed=1)
-    for mode in ("straight_through", "hard"):
+    for mode in ("straight_through", "literal"):
         result = trrd_log_ratio(logp, old, teacher, alpha=1.0, teacher_clamp_mode=mode)
         assert torch.equal(result, logp - old)
         assert torch.equal(torch.autograd.grad(result.sum(), logp)[0], torch.ones_like(logp))
@@ -73,6 +80,35 @@ def test_anchor_route_equals_straight_through_in_value_and_gradient():
         grad_direct = torch.autograd.grad(direct.pow(2).sum() + direct.sum(), logp)[0]
         torch.testing.assert_close(grad_anchor, grad_direct)
         assert not anchor.requires_grad
+
+
+def test_scaled_anchor_route_equals_the_literal_clamp_in_value_and_gradient():
+    """Anchor + per-token gradient factor s (α on clamped tokens) is App. B's literal clamp, against the textbook
+    formula in float64 — and differs from the straight-through gradient where the clamp is active."""
+    _, old, teacher = random_logps(seed=5, spread=4.0)
+    logp = old.clone().requires_grad_()  # one update per generation batch: logp = old in value
+    for alpha, clamp in ((0.5, 1.0), (0.2, 0.5), (0.0, 2.0), (0.7, math.inf)):
+        anchor = trrd_anchor_logp(old, teacher, alpha=alpha, teacher_clamp=clamp)
+        scale = trrd_logp_grad_scale(old, teacher, alpha=alpha, teacher_clamp=clamp)
+        routed = scale_gradient(logp, scale) - anchor
+        expected, expected_grad = brute_force_trrd(logp, old, teacher, alpha, clamp, "literal")
+        torch.testing.assert_close(routed, expected)
+        (grad,) = torch.autograd.grad(routed.sum(), logp)
+        torch.testing.assert_close(grad, expected_grad.double())
+        clamped = (old - teacher).abs() > clamp
+        assert torch.equal(scale, torch.where(clamped, alpha, 1.0).double()) and not scale.requires_grad
+        if math.isfinite(clamp):
+            assert clamped.any() and (~clamped).any()  # both regimes are exercised
+
+
+def test_scale_gradient_keeps_the_value():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([[0.3, 1.0, 0.0]], dtype=torch.float64)
+    scaled = scale_gradient(logp, scale)
+    assert torch.equal(scaled, logp)
+    (grad,) = torch.autograd.grad((scaled * torch.tensor([[2.0, 3.0, 5.0]])).sum(), logp)
+    torch.testing.assert_close(grad, torch.tensor([[0.6, 3.0, 0.0]], dtype=torch.float64))
+    assert scale_gradient(logp, torch.ones_like(scale)) is logp
 
 
 def test_teacher_clamp_mask():
@@ -171,7 +207,7 @@ def test_cispo_and_sapo_match_their_formulas():
 
 def test_zero_advantage_gives_zero_gradient():
     logp, old, teacher = random_logps(seed=4)
-    for mode in ("straight_through", "hard"):
+    for mode in ("straight_through", "literal"):
         log_ratio = trrd_log_ratio(logp, old, teacher, teacher_clamp_mode=mode)
         out = policy_loss_per_token(log_ratio, torch.zeros(3, dtype=torch.float64), epsilon_high=0.28)
         (grad,) = torch.autograd.grad(out.per_token_loss.sum(), logp)

@@ -160,6 +160,79 @@ def test_batch_carries_teacher_logprobs_and_the_trrd_anchor(student, teacher, to
     assert first["clip_ratio/region_mean"] > 0  # GRPO's clip fractions now count TRRD ratios
 
 
+class GradientRecordingRLAD(RecordingRLAD):
+    """Also keeps the gradient of each micro-batch loss with respect to the student's parameters."""
+
+    def _compute_loss(self, model, inputs):
+        loss = super()._compute_loss(model, inputs)
+        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        self.gradients = dict(zip(names, torch.autograd.grad(loss, params, retain_graph=True)))
+        return loss
+
+
+def brute_force_literal_loss(student, teacher, inputs, alpha, clamp, temperature, eps_low, eps_high):
+    """App. B's TRRD loss with the literal clamp of the θ-dependent log-ratio, token by token in float64, on a float64
+    copy of the student: log r = α (log π_θ − log π_old) + (1 − α)·(log π_θ − log π_T if |log π_θ − log π_T| ≤ c,
+    else ±c, a constant), then GRPO's clipped surrogate and its 'grpo' aggregation. Returns (loss, float64 model)."""
+    model = copy.deepcopy(student).double()
+    input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    length = inputs["completion_ids"].size(1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -length - 1 : -1]
+    logp = torch.log_softmax(logits / temperature, dim=-1).gather(-1, inputs["completion_ids"].unsqueeze(-1))[..., 0]
+    teacher_logp = brute_force_logprobs(copy.deepcopy(teacher).double(), inputs, temperature)
+    mask = inputs["completion_mask"]
+    row_losses = []
+    for row in range(mask.size(0)):
+        terms = []
+        for t in range(mask.size(1)):
+            if not mask[row, t]:
+                continue
+            gap = logp[row, t] - teacher_logp[row, t]
+            teacher_term = gap if abs(gap.item()) <= clamp else math.copysign(clamp, gap.item())
+            log_ratio = alpha * (logp[row, t] - logp[row, t].detach()) + (1 - alpha) * teacher_term
+            ratio, advantage = torch.exp(log_ratio), inputs["advantages"][row].item()
+            terms.append(-torch.min(ratio * advantage, ratio.clamp(1 - eps_low, 1 + eps_high) * advantage))
+        row_losses.append(torch.stack(terms).sum() / max(len(terms), 1))
+    return torch.stack(row_losses).mean(), model
+
+
+@pytest.mark.parametrize("mode", ["literal", "straight_through"])
+def test_literal_clamp_trains_the_gradient_of_app_b(student, teacher, tokenizer, tmp_path, mode):
+    """The trainer's gradient equals the brute-force float64 gradient of the literal clamp; the straight-through
+    default has the same loss value but another gradient (∇ log π_θ on clamped tokens instead of α ∇ log π_θ)."""
+    alpha, clamp, temperature = 0.3, 0.5, 0.7
+    trainer = rlad(student, teacher, tokenizer, tmp_path, trainer_class=GradientRecordingRLAD, max_steps=1,
+                   rlad_alpha=alpha, rlad_teacher_clamp=clamp, rlad_teacher_clamp_mode=mode, loss_type="grpo",
+                   epsilon=0.2, epsilon_high=0.28)
+    trainer.train()
+    (inputs, loss), = trainer.recorded
+    expected_loss, model = brute_force_literal_loss(student, teacher, inputs, alpha, clamp, temperature, 0.2, 0.28)
+    assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-5)  # both modes: the same value
+    names = list(trainer.gradients)
+    expected = torch.autograd.grad(expected_loss, [dict(model.named_parameters())[name] for name in names])
+    ours = torch.cat([trainer.gradients[name].double().flatten() for name in names])
+    expected = torch.cat([grad.flatten() for grad in expected])
+    assert expected.abs().max() > 1e-4
+    distance = ((ours - expected).norm() / expected.norm()).item()
+    if mode == "literal":
+        assert distance < 1e-4, distance
+        assert "rlad_logp_grad_scale" in inputs and (inputs["rlad_logp_grad_scale"] == alpha).any()
+    else:
+        assert distance > 1e-2, distance  # the clamped tokens' gradient differs
+        assert "rlad_logp_grad_scale" not in inputs
+
+
+def test_literal_clamp_refuses_losses_that_read_the_log_probs_directly():
+    for overrides in ({"loss_type": "cispo"}, {"loss_type": "vespo"},
+                      {"beta": 0.1, "use_bias_correction_kl": False}):
+        with pytest.raises(ValueError, match="rlad_teacher_clamp_mode='literal'"):
+            RLADConfig(output_dir="unused", rlad_teacher_clamp_mode="literal", **settings(**overrides))
+    with pytest.raises(ValueError, match="Unknown `rlad_teacher_clamp_mode`"):
+        RLADConfig(output_dir="unused", rlad_teacher_clamp_mode="hard", **settings())
+    RLADConfig(output_dir="unused", rlad_teacher_clamp_mode="literal", loss_type="sapo", **settings())
+
+
 def test_off_policy_mask_keeps_the_real_sampling_logprobs(student, teacher, tokenizer, tmp_path):
     """GRPO's off-policy mask reads `sampling_per_token_logps` (else `old_per_token_logps`): it must see π_old, not
     the anchor."""
@@ -215,12 +288,20 @@ def test_teacher_loaded_by_path_with_a_wider_padded_head(student, tokenizer, tmp
 # ---------------------------------------------------------------- AAPA anchor reward
 
 
-def test_aapa_anchor_is_an_added_weighted_reward(student, teacher, tokenizer, tmp_path):
+@pytest.fixture(scope="module")
+def discriminator(tmp_path_factory):
+    """A small trained anchor discriminator, and the file it is saved to."""
     discriminator = AnchorDiscriminator(num_buckets=1024, ngram_range=(1, 2))
     discriminator.fit([f"{i}+1={i + 1}. \\boxed{{{i + 1}}}" for i in range(20)], ["zzzz qqqq"] * 20, steps=30)
-    discriminator.save(tmp_path / "anchor.pt")
+    path = tmp_path_factory.mktemp("anchor") / "anchor.pt"
+    discriminator.save(path)
+    return discriminator, str(path)
+
+
+def test_aapa_anchor_is_an_added_weighted_reward(student, teacher, tokenizer, tmp_path, discriminator):
+    discriminator, path = discriminator
     trainer = rlad(student, teacher, tokenizer, tmp_path, max_steps=1,
-                   aapa_discriminator_path=str(tmp_path / "anchor.pt"), aapa_weight=0.25, reward_weights=[2.0])
+                   aapa_discriminator_path=path, aapa_weight=0.25, reward_weights=[2.0])
     assert trainer.reward_func_names == ["char_variety_reward", "anchor_reward"]
     assert trainer.reward_weights.tolist() == [2.0, 0.25]
     trainer.train()
@@ -228,6 +309,21 @@ def test_aapa_anchor_is_an_added_weighted_reward(student, teacher, tokenizer, tm
     task, anchor = first["rewards/char_variety_reward/mean"], first["rewards/anchor_reward/mean"]
     assert abs(anchor) <= discriminator.score_clip
     assert first["reward"] == pytest.approx(2.0 * task + 0.25 * anchor, abs=1e-4)
+
+
+def test_staged_aapa_weight_follows_the_schedule(student, teacher, tokenizer, tmp_path, discriminator):
+    """Staged AAPA: weight 0 before `aapa_start_step`, then a linear ramp (AnchorSchedule), in GRPO's reward sum."""
+    trainer = rlad(student, teacher, tokenizer, tmp_path, max_steps=4, logging_steps=1,
+                   aapa_discriminator_path=discriminator[1], aapa_weight=0.4, aapa_start_step=1,
+                   aapa_ramp_steps=2)
+    trainer.train()
+    entries = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert len(entries) == 4
+    for step, entry in enumerate(entries):  # logged after optimizer step `step` (global_step = step during it)
+        weight = [0.0, 0.0, 0.2, 0.4][step]
+        task, anchor = entry["rewards/char_variety_reward/mean"], entry["rewards/anchor_reward/mean"]
+        assert entry["reward"] == pytest.approx(task + weight * anchor, abs=1e-4), step
+    assert any(entry["rewards/anchor_reward/mean"] != 0 for entry in entries)
 
 
 # ---------------------------------------------------------------- errors before any model is loaded

@@ -126,9 +126,15 @@ SIMCT_CASES = {
 RLAD_CASES = {
     "rlad_alpha": case({"rlad_alpha": 0.5}, {"rlad_alpha": 1.0}),
     "rlad_teacher_clamp": case({"rlad_teacher_clamp": 0.01}),
+    "rlad_teacher_clamp_mode": case({"rlad_teacher_clamp": 0.3, "rlad_teacher_clamp_mode": "literal"},
+                                    {"rlad_teacher_clamp": 0.3}),
     "rlad_log_teacher_stats": case({"rlad_alpha": 1.0, "rlad_log_teacher_stats": True}, {"rlad_alpha": 1.0}),
     "aapa_discriminator_path": case({"aapa_discriminator_path": ANCHOR}),
     "aapa_weight": case({"aapa_discriminator_path": ANCHOR, "aapa_weight": 0.5}, {"aapa_discriminator_path": ANCHOR}),
+    "aapa_start_step": case({"aapa_discriminator_path": ANCHOR, "aapa_start_step": 1},
+                            {"aapa_discriminator_path": ANCHOR}),
+    "aapa_ramp_steps": case({"aapa_discriminator_path": ANCHOR, "aapa_ramp_steps": 2},
+                            {"aapa_discriminator_path": ANCHOR}),
 }
 CASES = {"OPDTrainer": OPD_CASES, "SimCTTrainer": SIMCT_CASES, "RLADTrainer": RLAD_CASES}
 

@@ -1,4 +1,4 @@
-"""AAPA anchor: a fixed, lightweight discriminator used as a reward term (methods.md §11, arXiv 2509.25148).
+"""AAPA anchor: a fixed, lightweight discriminator, its staged weight, its plug-ins (methods.md §11, arXiv 2509.25148).
 
 The paper states only that a *fixed, lightweight* discriminator compares policy rollouts with *offline,
 pre-collected expert responses*, with no online teacher and no co-training (§11.1). Everything below is
@@ -25,12 +25,19 @@ returns s(y) with TRL's reward-function signature; combine it with the task rewa
 ``reward_funcs`` / ``reward_weights`` (weight λ ≈ 0.1), so GRPO's group normalisation applies unchanged.
 Watch the discriminator probability of policy samples: a rise toward 1 with flat task accuracy means the
 policy is gaming the discriminator.
+
+**Plug-ins** (§11.3). :class:`AnchorSchedule` stages the weight (0 before a start step, then a linear ramp);
+``RLADTrainer`` applies it to the anchor reward. For a trainer without rewards (``OPDTrainer``),
+:func:`leave_one_out_advantages` centres the scores of the student's rollouts and :func:`anchor_policy_loss` is the
+sequence-level REINFORCE term on them (value 0, gradient only), added by ``trl_opd.objective.AnchorTerm``.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -288,6 +295,90 @@ def _balanced_logistic_loss(logits: Tensor, labels: Tensor, class_weights: Tenso
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return float(((logits > 0).float() == labels).float().mean())
+
+
+# ---------------------------------------------------------------------------------------------- the plug-in
+
+
+@dataclass(frozen=True)
+class AnchorSchedule:
+    """Staged anchor weight (methods.md §11.3): w(t) = 0 before step t0, then a linear ramp to λ over R steps.
+
+        w(t) = 0                          t < t0
+        w(t) = λ · min(1, (t − t0) / R)   t ≥ t0, R > 0   (w(t0) = 0, w(t0 + R) = λ)
+        w(t) = λ                          t ≥ t0, R = 0
+
+    t is the trainer's optimizer step (``state.global_step``, 0 during the first step); λ = ``aapa_weight``,
+    t0 = ``aapa_start_step``, R = ``aapa_ramp_steps``. The defaults (t0 = R = 0) give the constant λ.
+    """
+
+    weight: float = 0.1
+    start_step: int = 0
+    ramp_steps: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(
+            self.weight
+        ):
+            raise ValueError(f"`aapa_weight` must be a finite number, got {self.weight!r}.")
+        for name, value in (("aapa_start_step", self.start_step), ("aapa_ramp_steps", self.ramp_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"`{name}` must be an integer >= 0 (optimizer steps), got {value!r}.")
+
+    @classmethod
+    def from_config(cls, args) -> AnchorSchedule:
+        return cls(args.aapa_weight, args.aapa_start_step, args.aapa_ramp_steps)
+
+    def weight_at(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        if self.ramp_steps == 0:
+            return float(self.weight)
+        return float(self.weight) * min(1.0, (step - self.start_step) / self.ramp_steps)
+
+
+def leave_one_out_advantages(scores: Tensor, rows: Tensor | None = None) -> Tensor:
+    """``[B]`` advantages s_b − mean_{j ≠ b} s_j over the rows taken (methods.md §11.3), 0 for the others.
+
+    The baseline of a sequence is the mean anchor score of the *other* sequences, so it does not depend on that
+    sequence and the REINFORCE gradient stays unbiased. ``rows`` (``[B]`` bool, default all) picks the student's
+    own samples; with fewer than two of them there is no baseline and every advantage is 0. Detached, float32.
+    """
+    scores = scores.detach().float()
+    rows = torch.ones_like(scores, dtype=torch.bool) if rows is None else rows.to(scores.device).bool()
+    count = int(rows.sum())
+    if count < 2:
+        return torch.zeros_like(scores)
+    taken = torch.where(rows, scores, torch.zeros_like(scores))
+    others_mean = (taken.sum() - taken) / (count - 1)
+    return torch.where(rows, scores - others_mean, torch.zeros_like(scores))
+
+
+def anchor_policy_loss(
+    token_logprobs: Tensor, advantages: Tensor, coefficients: Tensor, *, weight: float
+) -> Tensor:
+    """The AAPA term for a sampling trainer (methods.md §11.3): zero in value, gradient −w Σ_{b,t} c_bt A_b ∇log π_θ.
+
+        L = −w · Σ_{b,t} c_bt · sg(A_b) · (log π_θ(ŷ_bt) − sg(log π_θ(ŷ_bt)))
+
+    i.e. REINFORCE on the sequence-level anchor advantage A_b (:func:`leave_one_out_advantages`), spread over the
+    sequence's tokens with the token term's reduction coefficients c (0 off the supervised tokens). Its value is 0,
+    so the logged loss stays the distillation loss.
+
+    Args:
+        token_logprobs: ``[B, T]`` log π_θ of the sampled tokens (differentiable).
+        advantages: ``[B]`` anchor advantages (detached).
+        coefficients: ``[B, T]`` detached reduction coefficients.
+        weight: w(t), the scheduled weight.
+    """
+    if token_logprobs.shape != coefficients.shape or advantages.shape != token_logprobs.shape[:1]:
+        raise ValueError(
+            f"token_logprobs {tuple(token_logprobs.shape)} and coefficients {tuple(coefficients.shape)} must be "
+            f"[B, T] and advantages {tuple(advantages.shape)} [B]."
+        )
+    centred = token_logprobs - token_logprobs.detach()
+    per_token = coefficients.detach() * advantages.detach().unsqueeze(1).to(token_logprobs.dtype) * centred
+    return -weight * per_token.sum()
 
 
 def completion_text(completion) -> str:

@@ -7,9 +7,11 @@ token. Log-probabilities are those of the sampled tokens, all at GRPO's ``temper
   (Eq. 3), with the two clamp readings of §10.4 item 2.
 * :func:`trrd_anchor_logp` — the detached anchor a with log π_θ − a = log r^TRRD, so that GRPO's own loss
   (``old_per_token_logps := a``) computes TRRD for every ``loss_type`` (§10.4 item 2, ``trl.md`` §5.4).
+* :func:`trrd_logp_grad_scale` and :func:`scale_gradient` — the per-token gradient factor on log π_θ that turns
+  the anchor route into the ``"literal"`` clamp (same values, gradient α ∇log π_θ on clamped tokens).
 * :func:`teacher_clamp_mask` — which tokens the teacher clamp is active on (to log the clamp rate).
 * :func:`policy_loss_per_token` — GRPO's per-token surrogate for a given log-ratio (asymmetric clip,
-  ``delta``, CISPO, SAPO) with the clip indicators GRPO logs, for the custom ``"hard"`` path.
+  ``delta``, CISPO, SAPO) with the clip indicators GRPO logs, for a custom per-token ratio path.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-TEACHER_CLAMP_MODES = ("straight_through", "hard")
+TEACHER_CLAMP_MODES = ("straight_through", "literal")
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 POLICY_LOSS_TYPES = CLIPPED_LOSS_TYPES + ("cispo", "sapo")
 
@@ -68,8 +70,8 @@ def trrd_log_ratio(
         teacher_clamp_mode: where the clamp acts (the paper does not say, §10.4 item 2):
             ``"straight_through"`` (default) clamps the value of sg(logp) − teacher_logp and adds
             logp − sg(logp), so the value is as above and ∇ log r = ∇ logp on every token, exactly as Eq. 3
-            without the clamp; ``"hard"`` clamps logp − teacher_logp itself, so outside [−c, c] the teacher
-            term passes no gradient and ∇ log r = α ∇ logp there.
+            without the clamp; ``"literal"`` clamps logp − teacher_logp itself, as App. B writes it, so outside
+            [−c, c] the teacher term passes no gradient and ∇ log r = α ∇ logp there. Both have the same value.
 
     Returns:
         ``[B, T]`` log r^TRRD (exponentiate for GRPO's ``coef_1``).
@@ -84,7 +86,7 @@ def trrd_log_ratio(
     old_logp, teacher_logp = old_logp.detach(), teacher_logp.detach()
     if alpha == 1.0:
         return logp - old_logp  # GRPO's log-ratio, bit for bit
-    if teacher_clamp_mode == "hard":
+    if teacher_clamp_mode == "literal":
         teacher_term = (logp - teacher_logp).clamp(-teacher_clamp, teacher_clamp)
     else:
         frozen = logp.detach()
@@ -118,6 +120,37 @@ def trrd_anchor_logp(
         return old_logp
     clamped_gap = (old_logp - teacher_logp).clamp(-teacher_clamp, teacher_clamp)
     return alpha * old_logp + (1.0 - alpha) * (old_logp - clamped_gap)
+
+
+def trrd_logp_grad_scale(
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    *,
+    alpha: float = 0.5,
+    teacher_clamp: float = 1.0,
+) -> Tensor:
+    """``[B, T]`` factor s on ∇ log π_θ that makes the anchor route the ``"literal"`` clamp: α where the clamp is
+    active (|old_logp − teacher_logp| > c), 1 elsewhere.
+
+    With a = :func:`trrd_anchor_logp` and logp' = :func:`scale_gradient` (logp, s), ``logp' − a`` equals
+    ``trrd_log_ratio(logp, old, teacher, teacher_clamp_mode="literal")`` in value and gradient whenever logp = old
+    in value (the same condition as the anchor route itself; otherwise the clamp is evaluated at the behaviour
+    policy, §10.4 item 4). Detached.
+    """
+    _check_alpha(alpha)
+    clamped = teacher_clamp_mask(old_logp, teacher_logp, teacher_clamp=teacher_clamp)
+    return torch.where(clamped, alpha, 1.0).to(old_logp.dtype)
+
+
+def scale_gradient(logp: Tensor, scale: Tensor) -> Tensor:
+    """logp + (s − 1)·(logp − sg(logp)): the value of ``logp``, the gradient s·∇logp, token by token.
+
+    ``scale`` (detached, broadcastable to ``logp``) of all ones returns ``logp`` itself.
+    """
+    scale = scale.detach().to(logp.dtype)
+    if bool((scale == 1).all()):
+        return logp
+    return logp + (scale - 1) * (logp - logp.detach())
 
 
 def teacher_clamp_mask(logp: Tensor, teacher_logp: Tensor, *, teacher_clamp: float = 1.0) -> Tensor:
@@ -210,6 +243,8 @@ __all__ = [
     "PolicyLoss",
     "policy_loss_per_token",
     "teacher_clamp_mask",
+    "scale_gradient",
     "trrd_anchor_logp",
     "trrd_log_ratio",
+    "trrd_logp_grad_scale",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import GRPOConfig
 
+from ..anchor import AnchorSchedule
+from ..rlad import TEACHER_CLAMP_MODES
 from .opd_config import check_field_types
 from .support import refuse_unsupported
 
@@ -49,9 +50,14 @@ class RLADConfig(GRPOConfig):
             typo). The paper uses 0.5.
         rlad_teacher_clamp (`float`, defaults to `1.0`):
             c > 0: the teacher log-ratio log π_θ − log π_T is clamped to [−c, c] (App. B: suppresses outlier ratios
-            from the early teacher–student mismatch). `inf` disables the clamp. The clamp is *straight-through*
-            (methods.md §10.4 item 2): it bounds the value of the ratio and leaves its gradient, ∇ log π_θ, as in
-            Eq. 3 without the clamp. This is what lets RLADTrainer run GRPO's own loss for every `loss_type`.
+            from the early teacher–student mismatch). `inf` disables the clamp.
+        rlad_teacher_clamp_mode (`str`, defaults to `"straight_through"`):
+            Where the clamp acts (methods.md §10.4 item 2); both give the ratio the same value. `"straight_through"`
+            clamps the value only: the gradient of the log-ratio stays ∇ log π_θ on every token, as in Eq. 3
+            without the clamp. `"literal"` is App. B as written, clamp(log π_θ − log π_T) of the θ-dependent
+            difference: on a token outside [−c, c] the teacher term passes no gradient and the log-ratio's gradient
+            is α ∇ log π_θ. The literal form scales ∇ log π_θ by α on those tokens inside GRPO's loss, so it needs a
+            loss that reads log π_θ only through the ratio: not `loss_type` "cispo" or "vespo", and `beta=0`.
         rlad_log_teacher_stats (`bool` or `None`, defaults to `None`):
             Log `rlad/teacher_log_ratio` and `rlad/teacher_clamp_ratio`. `None`: when α < 1, where the teacher is
             scored anyway. At α = 1 the teacher plays no part in training; `None` or `False` then skips scoring it (and
@@ -66,6 +72,10 @@ class RLADConfig(GRPOConfig):
         aapa_weight (`float`, defaults to `0.1`):
             Weight λ of the anchor reward in GRPO's weighted reward sum (the other reward functions keep the weights
             of `reward_weights`, or 1).
+        aapa_start_step (`int`, defaults to `0`), aapa_ramp_steps (`int`, defaults to `0`):
+            Staged AAPA (methods.md §11.3): the anchor reward's weight is 0 before optimizer step `aapa_start_step`,
+            then rises linearly to `aapa_weight` over `aapa_ramp_steps` steps (0: at once). The defaults keep λ
+            from the first step.
     """
 
     _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["teacher_model_init_kwargs"]
@@ -85,7 +95,11 @@ class RLADConfig(GRPOConfig):
     )
     rlad_teacher_clamp: float = field(
         default=1.0,
-        metadata={"help": "c > 0: clamp of the teacher log-ratio to [−c, c] (straight-through); inf = no clamp."},
+        metadata={"help": "c > 0: clamp of the teacher log-ratio to [−c, c]; inf = no clamp."},
+    )
+    rlad_teacher_clamp_mode: str = field(
+        default="straight_through",
+        metadata={"help": "straight_through (clamp the value only) | literal (App. B: α∇log π_θ on clamped tokens)."},
     )
     rlad_log_teacher_stats: bool | None = field(
         default=None,
@@ -95,6 +109,10 @@ class RLADConfig(GRPOConfig):
         default=None, metadata={"help": "Frozen AnchorDiscriminator file; adds its score as a reward term."}
     )
     aapa_weight: float = field(default=0.1, metadata={"help": "Weight λ of the AAPA anchor reward."})
+    aapa_start_step: int = field(default=0, metadata={"help": "Optimizer step at which the anchor weight starts."})
+    aapa_ramp_steps: int = field(
+        default=0, metadata={"help": "Steps of the linear ramp of the anchor weight from 0 to aapa_weight."}
+    )
 
     trainer_name = "RLADTrainer"  # not a field: the trainer `support.refuse_unsupported` checks this config against
 
@@ -122,13 +140,30 @@ class RLADConfig(GRPOConfig):
                 f"`rlad_teacher_clamp` must be > 0, got {self.rlad_teacher_clamp}: it bounds |log π_θ − log π_T| "
                 "(the paper uses 1.0; `inf` disables the clamp)."
             )
-        if not math.isfinite(self.aapa_weight):
-            raise ValueError(f"`aapa_weight` must be a finite number, got {self.aapa_weight}.")
+        AnchorSchedule.from_config(self)  # aapa_weight, aapa_start_step, aapa_ramp_steps
+        self._validate_clamp_mode()
         if self.rlad_alpha < 1.0 and self.beta != 0.0 and self.use_bias_correction_kl:
             raise ValueError(
                 "With beta > 0 GRPO multiplies the reference KL by its importance ratio (`use_bias_correction_kl`), "
                 "and RLAD replaces that ratio by the teacher-anchored one, which would reweight the KL by "
                 "(π_old/π_T)^(1−α). Set `use_bias_correction_kl=False`, or `beta=0.0` (the paper's setting)."
+            )
+
+    def _validate_clamp_mode(self) -> None:
+        if self.rlad_teacher_clamp_mode not in TEACHER_CLAMP_MODES:
+            raise ValueError(
+                f"Unknown `rlad_teacher_clamp_mode`={self.rlad_teacher_clamp_mode!r}. Choose one of "
+                f"{', '.join(map(repr, TEACHER_CLAMP_MODES))}."
+            )
+        if self.rlad_teacher_clamp_mode != "literal" or self.rlad_alpha == 1.0:
+            return
+        if self.loss_type in ("cispo", "vespo") or self.beta != 0.0:
+            raise ValueError(
+                f"rlad_teacher_clamp_mode='literal' scales ∇ log π_θ by α on clamped tokens inside GRPO's loss, which "
+                f"is the literal clamp only when the loss reads log π_θ through the ratio alone; loss_type="
+                f"{self.loss_type!r} (cispo and vespo multiply log π_θ itself) or beta={self.beta} (the reference KL "
+                "reads log π_θ) would be rescaled too. Use another loss_type and beta=0.0, or "
+                "rlad_teacher_clamp_mode='straight_through'."
             )
 
     def _warn_if_clamp_is_evaluated_late(self) -> None:

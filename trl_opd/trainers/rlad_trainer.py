@@ -10,6 +10,14 @@ so that GRPO's own `log_ratio = log π_θ − a` is the TRRD log-ratio of Eq. 3 
 `loss_type`, aggregation, `delta`, entropy mask and vLLM correction GRPO has, and GRPO's `clip_ratio/*` metrics
 become the TRRD clip fractions. The teacher log-probs travel in the batch as `teacher_per_token_logps`, so GRPO's
 shuffle and split keep them aligned with their completions.
+
+`rlad_teacher_clamp_mode="literal"` (App. B as written) keeps that anchor and also sends the per-token factor
+s = α on clamped tokens, 1 elsewhere (`trl_opd.rlad.trrd_logp_grad_scale`), as `rlad_logp_grad_scale`; while GRPO's
+`_compute_loss` runs, its log π_θ becomes log π_θ + (s − 1)(log π_θ − sg(log π_θ)) (`scale_gradient`): the same
+values, and the gradient α ∇ log π_θ where the clamp is active, which is the gradient of the literal clamp.
+
+With an AAPA discriminator, its anchor reward is appended to the reward functions; its weight follows the staged
+schedule `trl_opd.anchor.AnchorSchedule` (set before each generation batch is scored).
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ from trl import GRPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import add_fused_lm_head, get_callable_name
 
-from ..anchor import make_anchor_reward
-from ..rlad import teacher_clamp_mask, trrd_anchor_logp
+from ..anchor import AnchorSchedule, make_anchor_reward
+from ..rlad import scale_gradient, teacher_clamp_mask, trrd_anchor_logp, trrd_logp_grad_scale
 from .teacher import check_teacher_init_kwargs, load_teacher, model_config, prepare_teacher, try_tokenizer
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
@@ -34,7 +42,8 @@ class RLADTrainer(GRPOTrainer):
     Args:
         model, reward_funcs, args, train_dataset, ...: as for `trl.GRPOTrainer` (same order); `args` is an
             `RLADConfig`. `reward_funcs` are the task rewards, e.g. `trl_opd.rewards.math_accuracy_reward`; with
-            `args.aapa_discriminator_path` set, the AAPA anchor reward is appended with weight `args.aapa_weight`.
+            `args.aapa_discriminator_path` set, the AAPA anchor reward is appended with weight `args.aapa_weight`
+            (staged by `aapa_start_step` and `aapa_ramp_steps`).
         teacher_model: the teacher, a model id/path or a `PreTrainedModel` with the student's tokenizer (pass it by
             keyword). Defaults to `args.teacher_model_name_or_path`.
 
@@ -46,6 +55,8 @@ class RLADTrainer(GRPOTrainer):
 
     _tag_names = ["trl", "trl_opd", "rlad"]
     _name = "RLAD"
+    _anchor_schedule: AnchorSchedule | None = None  # the staged AAPA weight, with a discriminator
+    _logp_grad_scale: torch.Tensor | None = None  # set while GRPO's `_compute_loss` runs, for the literal clamp
 
     def __init__(
         self,
@@ -94,7 +105,8 @@ class RLADTrainer(GRPOTrainer):
             environment_factory=environment_factory,
         )
         if anchor_reward is not None:
-            self._append_reward(anchor_reward, args.aapa_weight)
+            self._anchor_schedule = AnchorSchedule.from_config(args)
+            self._append_reward(anchor_reward, self._anchor_schedule.weight_at(0))
         teacher = load_teacher(teacher_model, args)  # shared with OPDTrainer: same fields, same rules
         # The same chunked kernel and temperature as the student's log-probs, so a teacher equal to the student
         # gives log π_T = log π_old exactly.
@@ -154,6 +166,8 @@ class RLADTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ the TRRD anchor, once per generation batch
 
     def _generate_and_score_completions(self, inputs):
+        if self._anchor_schedule is not None and self.model.training:  # staged AAPA: the anchor's weight this step
+            self.reward_weights[-1] = self._anchor_schedule.weight_at(self.state.global_step)
         output = super()._generate_and_score_completions(inputs)
         if "pixel_values" in output:
             raise NotImplementedError("RLADTrainer scores text completions only; multimodal prompts are not supported.")
@@ -169,9 +183,27 @@ class RLADTrainer(GRPOTrainer):
             output["old_per_token_logps"] = trrd_anchor_logp(
                 behaviour_logps, teacher_logps, alpha=alpha, teacher_clamp=clamp
             )
+            if self.args.rlad_teacher_clamp_mode == "literal":
+                output["rlad_logp_grad_scale"] = trrd_logp_grad_scale(
+                    behaviour_logps, teacher_logps, alpha=alpha, teacher_clamp=clamp
+                )
         if self.args.rlad_log_teacher_stats is not False:
             self._log_teacher_stats(output, behaviour_logps, teacher_logps)
         return output
+
+    def _compute_loss(self, model, inputs):
+        """GRPO's loss; with the literal clamp, its log π_θ carries the per-token gradient factor of the batch."""
+        self._logp_grad_scale = inputs.get("rlad_logp_grad_scale")
+        try:
+            return super()._compute_loss(model, inputs)
+        finally:
+            self._logp_grad_scale = None
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        logps, entropies, aux_loss = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self._logp_grad_scale is not None:  # only inside `_compute_loss`: the one forward of the trained policy
+            logps = scale_gradient(logps, self._logp_grad_scale)
+        return logps, entropies, aux_loss
 
     @torch.no_grad()
     def _score_completions(self, output) -> tuple[torch.Tensor, torch.Tensor]:

@@ -119,9 +119,10 @@ COMPONENTS = {c.name: c for c in (
                 "simct_exclusive_spans", "simct_min_teacher_coverage"], owner="SimCTConfig"),
     # RLAD (methods.md §10–§11)
     _component("trrd", "RLAD's teacher-anchored trust-region ratio", [Switch("rlad_alpha", off=1.0)],
-               ["rlad_teacher_clamp"], owner="RLADConfig"),
+               ["rlad_teacher_clamp", "rlad_teacher_clamp_mode"], owner="RLADConfig"),
     _component("teacher_stats", "the teacher log-ratio statistics", ["rlad_log_teacher_stats"], owner="RLADConfig"),
-    _component("aapa", "the AAPA anchor reward", ["aapa_discriminator_path"], ["aapa_weight"], owner="RLADConfig"),
+    _component("aapa", "the AAPA anchor reward", ["aapa_discriminator_path"],
+               ["aapa_weight", "aapa_start_step", "aapa_ramp_steps"], owner="RLADConfig"),
 )}
 
 _OPD_ONLY = ("divergence", "estimator", "top_k", "clip", "chunked_head", "tip_q3", "tip_importance",
