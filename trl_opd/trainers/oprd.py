@@ -73,8 +73,6 @@ REPRESENTATION_POSITIONS = ("all", "last_k")
 # Which state stands for completion token t: the one predicting it (P − 1 + t) or the one at it (P + t).
 POSITION_CONVENTIONS = ("predicting", "at_token")
 PROJECTORS = ("auto", "linear", "bridge", "none")
-# Logit-side switches that choose or weight tokens of the OPD loss; they have nothing to act on without it.
-_LOGIT_ONLY_SWITCHES = {"token_selection": "none", "position_weighting": "none", "evidence_mode": "none"}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,13 +272,8 @@ class RepresentationArguments:
             )
 
     def _validate_representation_only(self) -> None:
-        for name, off in _LOGIT_ONLY_SWITCHES.items():
-            value = getattr(self, name, off)
-            if value != off:
-                raise ValueError(
-                    f"`{name}`={value!r} selects or weights tokens of the logit loss, which `logit_weight=0` turns "
-                    f"off. Set {name}={off!r}, or logit_weight > 0 to combine it with OPRD."
-                )
+        # The logit-side switches that have nothing to act on are refused by `support.refuse_unsupported` (its
+        # `logit_weight=0` mode), which every config calls first.
         if getattr(self, "ddp_find_unused_parameters", False) is None:
             # The LM head (and layers above the highest distilled one) get no gradient: DDP must expect that.
             self.ddp_find_unused_parameters = True
