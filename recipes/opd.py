@@ -10,30 +10,13 @@ prints teacher accuracy, student accuracy before and after, and the share of the
     accelerate launch recipes/opd.py --config recipes/toy/opd.yaml     # or: python recipes/opd.py --config ...
 
 Any YAML key can be overridden on the command line, e.g. `--divergence forward_kl --max_steps 200`.
+
+The command line `trl-opd opd --config <yaml>` runs the same lines: `main` of `trl_opd/scripts/opd.py` (load
+the models and data, build the OPDTrainer, evaluate, train, save, report).
 """
 
-from __future__ import annotations
-
-from trl_opd import OPDConfig, OPDTrainer
-from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
-
-
-def main(recipe: RecipeArguments, args: OPDConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
-    trainer = OPDTrainer(
-        model=setup.student,
-        teacher_model=setup.teacher,
-        args=args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-    )
-    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
-    trainer.train()
-    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
-    setup.evaluate("student after", trainer.model)
-    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
-
+from trl_opd.recipes import parse_recipe_args
+from trl_opd.scripts.opd import ARGUMENTS, main
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(OPDConfig))
+    main(*parse_recipe_args(*ARGUMENTS))  # --config file.yaml plus command-line overrides

@@ -14,42 +14,13 @@ Rewards: the boxed answer graded like the evaluators (`math_accuracy_reward`, re
 Plain-text prompts of a real dataset are given the evaluators' instruction ("... put your final answer within
 \\boxed{}.") as a user message. `--rlad_alpha 1.0` is plain GRPO; `--aapa_discriminator_path file.pt` adds the AAPA
 anchor reward (train the discriminator with `trl_opd.anchor.AnchorDiscriminator`, see bench/bench_rlad.py).
+
+The command line `trl-opd rlad --config <yaml>` runs the same lines: `main` of `trl_opd/scripts/rlad.py` (load
+the models and data, build the RLADTrainer, evaluate, train, save, report).
 """
 
-from __future__ import annotations
-
-from trl_opd import RLADConfig, RLADTrainer
-from trl_opd.eval.prompts import render_problem
-from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
-from trl_opd.rewards import boxed_format_reward, math_accuracy_reward
-
-REWARD_FUNCS = [math_accuracy_reward, boxed_format_reward]
-
-
-def with_math_instruction(dataset):
-    """Plain-text prompts become one user message asking for a boxed answer; conversational prompts stay."""
-    if isinstance(dataset[0]["prompt"], list):
-        return dataset
-    return dataset.map(lambda row: {"prompt": [{"role": "user", "content": render_problem(row["prompt"])}]})
-
-
-def main(recipe: RecipeArguments, args: RLADConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
-    trainer = RLADTrainer(
-        model=setup.student,
-        teacher_model=setup.teacher,
-        reward_funcs=REWARD_FUNCS,
-        args=args,
-        train_dataset=setup.train_dataset if recipe.testbed else with_math_instruction(setup.train_dataset),
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-    )
-    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
-    trainer.train()
-    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
-    setup.evaluate("student after", trainer.model)
-    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
-
+from trl_opd.recipes import parse_recipe_args
+from trl_opd.scripts.rlad import ARGUMENTS, main
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(RLADConfig))
+    main(*parse_recipe_args(*ARGUMENTS))  # --config file.yaml plus command-line overrides

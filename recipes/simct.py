@@ -12,30 +12,13 @@ The paper warms the student up with SFT on the teacher's shortest correct respon
 Offline toy (a character-level teacher and a BPE student on the testbed, CPU, minutes):
 
     accelerate launch --cpu recipes/simct.py --config recipes/toy/simct.yaml
+
+The command line `trl-opd simct --config <yaml>` runs the same lines: `main` of `trl_opd/scripts/simct.py` (load
+the models and data, build the SimCTTrainer, evaluate, train, save, report).
 """
 
-from __future__ import annotations
-
-from trl_opd import SimCTConfig, SimCTTrainer
-from trl_opd.recipes import RecipeArguments, load_models_and_data, parse_recipe_args, save_run
-
-
-def main(recipe: RecipeArguments, args: SimCTConfig, model_args) -> None:
-    setup = load_models_and_data(recipe, args, model_args)  # the toy testbed (teacher evaluated) or real models
-    trainer = SimCTTrainer(
-        model=setup.student,
-        teacher_model=setup.teacher,  # with its own tokenizer (`teacher_tokenizer_name_or_path`)
-        args=args,
-        train_dataset=setup.train_dataset,
-        processing_class=setup.tokenizer,
-        peft_config=setup.peft_config,
-    )
-    setup.evaluate("student before", trainer.model)  # the toy's held-out accuracy (real models: nothing)
-    trainer.train()
-    save_run(trainer)  # the model, trainer_state.json and, with diagnostics_steps, the diagnostics plots
-    setup.evaluate("student after", trainer.model)
-    setup.report(args.output_dir)  # the toy's teacher / before / after and the share of the gap recovered
-
+from trl_opd.recipes import parse_recipe_args
+from trl_opd.scripts.simct import ARGUMENTS, main
 
 if __name__ == "__main__":
-    main(*parse_recipe_args(SimCTConfig))
+    main(*parse_recipe_args(*ARGUMENTS))  # --config file.yaml plus command-line overrides

@@ -156,6 +156,44 @@ def _(tmp_path, model_dirs):
     raises(ValueError, "Unknown `divergence`='kl'", lambda: parse_yaml(tmp_path, "divergence: kl\n"))
 
 
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def trl_opd_error(*arguments: str) -> str:
+    """`trl-opd arguments...` run in this process: it exits 2; its stderr (tests/test_cli.py checks, in a fresh
+    process, that these errors come before torch is imported)."""
+    import contextlib
+    import io
+
+    from trl_opd.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as caught:
+        main(list(arguments))
+    assert caught.value.code == 2, stderr.getvalue()
+    return stderr.getvalue()
+
+
+@case("command line", "an unknown command (`trl-opd opdd --config …`)",
+      "exit 2 before torch loads: “unknown command 'opdd'. Did you mean `trl-opd opd`? The commands are …”")
+def _(tmp_path, model_dirs):
+    assert "Did you mean `trl-opd opd`?" in trl_opd_error("opdd", "--config", "recipes/toy/opd.yaml")
+
+
+@case("command line", "a missing YAML (`trl-opd opd --config recipes/opd.yml`)",
+      "exit 2 before torch loads: “--config recipes/opd.yml: no such file. The recipes' YAMLs are recipes/*.yaml …”")
+def _(tmp_path, model_dirs):
+    assert "no such file. The recipes' YAMLs are" in trl_opd_error("opd", "--config", str(tmp_path / "opd.yml"))
+
+
+@case("command line", "an unknown accelerate config (`--accelerate_config zero4`)",
+      "exit 2 before torch loads: “--accelerate_config 'zero4': unknown name. Name one of ddp, fsdp1, fsdp2, … or "
+      "give the path of an accelerate config file …”")
+def _(tmp_path, model_dirs):
+    config = str(REPO / "recipes" / "toy" / "opd.yaml")
+    assert "unknown name. Name one of ddp" in trl_opd_error("opd", "--config", config, "--accelerate_config", "zero4")
+
+
 # ---------------------------------------------------------------------------------------------- datasets
 
 

@@ -61,14 +61,20 @@ class RecipeArguments(ScriptArguments):
     )
 
 
-def parse_recipe_args(config_class, *extra_classes):
+def recipe_parser(config_class, *extra_classes, prog: str | None = None) -> TrlParser:
+    """The `TrlParser` of a recipe: `RecipeArguments`, the trainer's config, `ModelConfig` and `extra_classes`."""
+    return TrlParser((RecipeArguments, config_class, ModelConfig, *extra_classes), prog=prog)
+
+
+def parse_recipe_args(config_class, *extra_classes, args: list[str] | None = None, prog: str | None = None):
     """`(recipe, training args, model args, *extra)` from `--config file.yaml` plus command-line overrides.
 
     `extra_classes`: further argument dataclasses of a recipe (e.g. `ColdStartArguments`), parsed from the same YAML.
+    `args`: the command line (default `sys.argv[1:]`); `prog`: the name `--help` and errors show (`trl-opd opd`).
     Unknown YAML keys are errors (TRL's scripts pass `fail_with_unknown_args=False`; we keep typos loud).
     """
-    parser = TrlParser((RecipeArguments, config_class, ModelConfig, *extra_classes))
-    parsed = tuple(parser.parse_args_and_config())
+    parser = recipe_parser(config_class, *extra_classes, prog=prog)
+    parsed = tuple(parser.parse_args_and_config(args))
     recipe = parsed[0]
     if recipe.testbed is None and recipe.dataset_name is None:
         parser.error("Set `dataset_name` (real data) or `testbed` (offline toy) in the YAML or on the command line.")
