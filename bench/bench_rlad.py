@@ -165,11 +165,17 @@ def run_one(job: dict) -> dict:
     ]
     if not curve.points or curve.points[-1][0] != trainer.state.global_step:
         curve.points.append((trainer.state.global_step, testbed.accuracy(trainer.model, tokenizer, heldout)))
+    return run_result(job, curve.points, seconds, logs)
+
+
+def run_result(job: dict, points: list, seconds: float, logs: list) -> dict:
+    """One run's record: the job (without the prepared models), the accuracy curve from the student's accuracy at
+    step 0, the final accuracy, the training time and the logs; printed in brief."""
     result = {
         **{key: value for key, value in job.items() if key != "prepared"},
-        "checkpoints": {role: str(prepared[role]) for role in ("teacher", "student")},
-        "curve": [(0, job["student_accuracy"]), *curve.points],
-        "accuracy": curve.points[-1][1],
+        "checkpoints": {role: str(job["prepared"][role]) for role in ("teacher", "student")},
+        "curve": [(0, job["student_accuracy"]), *points],
+        "accuracy": points[-1][1],
         "train_seconds": seconds,
         "logs": logs,
     }
@@ -177,11 +183,12 @@ def run_one(job: dict) -> dict:
     return result
 
 
-def run_cached(job: dict) -> dict:
-    path = WORK / f"{job['method']}_s{job['seed']}{job['tag']}.json"
+def run_cached(job: dict, run=None, work: Path = WORK) -> dict:
+    """`run(job)` (default `run_one`) saved under `work`, or with `--resume` the result an earlier call saved."""
+    path = work / f"{job['method']}_s{job['seed']}{job.get('tag', '')}.json"
     if job["resume"] and path.exists():
         return json.loads(path.read_text())
-    result = run_one(job)
+    result = (run or run_one)(job)
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -206,10 +213,13 @@ def verdict(ours: list[float], baseline: list[float]) -> str:
     )
 
 
-def summarise(record: dict) -> str:
+def accuracy_tables(record: dict, methods, baselines: dict) -> tuple[dict, list[str]]:
+    """The runs grouped by method (in `methods` order, by seed), and the report's accuracy part: the final held-out
+    accuracy per seed with mean ± sd and the verdict against each method's baseline (`baselines`: method -> the
+    method it is compared with), the paired differences, and the mean accuracy curves."""
     results, baseline = record["results"], record["baseline"]
     by_method = {
-        m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in METHODS
+        m: sorted((r for r in results if r["method"] == m), key=lambda r: r["seed"]) for m in methods
     }
     by_method = {m: rows for m, rows in by_method.items() if rows}
     seeds = sorted({r["seed"] for r in results})
@@ -225,7 +235,7 @@ def summarise(record: dict) -> str:
     final = {m: [100 * r["accuracy"] for r in rows] for m, rows in by_method.items()}
     for method, rows in by_method.items():
         mean, sd = mean_sd(final[method])
-        reference = BASELINES.get(method)
+        reference = baselines.get(method)
         versus = f"vs {reference}: {verdict(final[method], final[reference])}" if reference in final else "—"
         seconds = statistics.mean(r["train_seconds"] for r in rows)
         lines.append(
@@ -233,15 +243,21 @@ def summarise(record: dict) -> str:
             + " | ".join(f"{s:.1f}" for s in final[method])
             + f" | {mean:.1f} ± {sd:.1f} | {versus} | {seconds:.0f} |"
         )
-    if "rlad" in final and "grpo" in final:
-        paired = [a - b for a, b in zip(final["rlad"], final["grpo"])]
-        lines += ["", f"Paired RLAD − GRPO per seed: {', '.join(f'{d:+.1f}' for d in paired)}."]
+    for method, reference in baselines.items():
+        if method in final and reference in final:
+            paired = [a - b for a, b in zip(final[method], final[reference])]
+            lines += ["", f"Paired {method} − {reference} per seed: {', '.join(f'{d:+.1f}' for d in paired)}."]
     lines += ["", "## Accuracy curves (%, mean over seeds)", ""]
     steps = [step for step, _ in next(iter(by_method.values()))[0]["curve"]]
     lines += ["| step | " + " | ".join(by_method) + " |", "|---|" + "---|" * len(by_method)]
     for index, step in enumerate(steps):
         cells = [statistics.mean(100 * r["curve"][index][1] for r in rows) for rows in by_method.values()]
         lines.append(f"| {step} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
+    return by_method, lines
+
+
+def summarise(record: dict) -> str:
+    by_method, lines = accuracy_tables(record, METHODS, BASELINES)
     lines += [
         "",
         "## Training diagnostics (mean over seeds; first / last logging window)",

@@ -1,14 +1,16 @@
 """OPDTrainer end to end on tiny models: parity with TRL, reductions under gradient accumulation, GKD mix, PEFT."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from transformers import TrainerCallback
 from trl import DistillationConfig, DistillationTrainer
 
-from tiny import cpu_args, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
+from tiny import cpu_args, prompt_dataset, save_anchor, save_tiny, tiny_model, tiny_tokenizer
 from trl_opd import OPDConfig, OPDTrainer
+from trl_opd.anchor import AnchorDiscriminator
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +252,85 @@ def test_padded_lm_heads_around_one_tokenizer_are_sliced(tokenizer, tmp_path):
     assert trainer._loss_vocab_size == len(tokenizer)
     trainer.train()
     assert all(torch.isfinite(torch.tensor(value)) for value in losses(trainer))
+
+
+# ---------------------------------------------------------------- the AAPA anchor term (methods.md §11.3)
+
+
+@pytest.fixture(scope="module")
+def anchor_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("anchor") / "anchor.pt"
+    save_anchor(path)
+    return str(path)
+
+
+def test_aapa_term_gradient_matches_brute_force(student, teacher, tokenizer, tmp_path, anchor_path):
+    """The step's gradient with the anchor term minus the gradient without it is −w Σ_{b,t} A_b ∇log π(ŷ_bt) / N
+    (token_mean, N the step's tokens, log π at the sampling temperature), recomputed in float64 token by token; the
+    advantages are the leave-one-out centred discriminator scores of the decoded completions; the loss is unchanged."""
+    weight, temperature = 0.5, 0.8
+    trainer = opd(student, teacher, tokenizer, tmp_path, max_steps=1, temperature=temperature,
+                  aapa_discriminator_path=anchor_path, aapa_weight=weight)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(4)])
+    mask = batch["completion_mask"].bool()
+    texts = [tokenizer.decode(ids[row], skip_special_tokens=True) for ids, row in zip(batch["completion_ids"], mask)]
+    scores = AnchorDiscriminator.load(anchor_path).score(texts)
+    expected_advantages = [s - (sum(scores) - s) / (len(scores) - 1) for s in scores]
+    torch.testing.assert_close(batch["aapa_advantages"], torch.tensor(expected_advantages))
+    assert batch["aapa_advantages"].abs().max() > 1e-3
+
+    def step_gradient(objective):
+        trainer.objective = objective
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.double().clone() for n, p in trainer.model.named_parameters()}
+
+    with_term = trainer.objective
+    loss_on, on = step_gradient(with_term)
+    loss_off, off = step_gradient(dataclasses.replace(with_term, anchor=None))
+    assert loss_on.item() == loss_off.item()  # the term adds a gradient, no value
+    model = copy.deepcopy(student).double()
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)
+    width = batch["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=attention).logits[:, -width - 1:-1]
+    num_tokens = int(mask.sum())
+    surrogate = 0.0
+    for b in range(mask.shape[0]):
+        for t in range(width):
+            if mask[b, t]:
+                log_probs = torch.log_softmax(logits[b, t] / temperature, -1)
+                surrogate = surrogate - weight * expected_advantages[b] * log_probs[batch["completion_ids"][b, t]] \
+                    / num_tokens
+    names = list(on)
+    expected = torch.autograd.grad(surrogate, [dict(model.named_parameters())[n] for n in names])
+    ours = torch.cat([(on[n] - off[n]).flatten() for n in names])
+    expected = torch.cat([g.flatten() for g in expected])
+    assert expected.norm() > 1e-4
+    assert ((ours - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_aapa_staging_and_student_rollouts_only(student, teacher, tokenizer, tmp_path, anchor_path):
+    trainer = opd(student, teacher, tokenizer, tmp_path, max_steps=4, aapa_discriminator_path=anchor_path,
+                  aapa_weight=0.4, aapa_start_step=1, aapa_ramp_steps=2)
+    trainer.train()
+    entries = [entry for entry in trainer.state.log_history if "aapa/weight" in entry]
+    assert [entry["aapa/weight"] for entry in entries] == pytest.approx([0.0, 0.0, 0.2, 0.4])
+    assert all(abs(entry["aapa/score"]) <= 5 and 0 < entry["aapa/probability"] < 1 for entry in entries)
+
+    mixed = opd(student, teacher, tokenizer, tmp_path / "mixed", max_steps=1, lmbda=0.5,
+                aapa_discriminator_path=anchor_path)
+    mixed.model.train()
+    mixed._draw_rollout_source = lambda: "dataset"  # an off-policy batch: no anchor term
+    batch = mixed._generate_and_score_completions([mixed.train_dataset[i] for i in range(4)])
+    assert batch["aapa_advantages"].eq(0).all()
+
+
+def test_aapa_term_is_refused_where_it_cannot_run(anchor_path):
+    for settings in ({"lmbda": 0.0}, {"representation_weight": 1.0, "logit_weight": 0.0}):
+        with pytest.raises(ValueError, match="aapa_discriminator_path"):
+            OPDConfig(output_dir="unused", aapa_discriminator_path=anchor_path, **cpu_args(**settings))
+    with pytest.raises(ValueError, match="aapa_start_step"):
+        OPDConfig(output_dir="unused", aapa_discriminator_path=anchor_path, aapa_start_step=-1, **cpu_args())

@@ -14,9 +14,8 @@ import torch
 import yaml
 from trl import GRPOConfig, GRPOTrainer
 
-from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
+from tiny import cpu_args, launch_two_cpu_processes, prompt_dataset, save_anchor, save_tiny, tiny_model, tiny_tokenizer
 from trl_opd import RLADConfig, RLADTrainer
-from trl_opd.anchor import AnchorDiscriminator
 
 REPO = Path(__file__).resolve().parents[1]
 OTHER_TEXTS = [f"word{i} other{i * 7} thing alpha beta gamma" for i in range(200)]  # merges unlike tiny.CORPUS
@@ -291,11 +290,8 @@ def test_teacher_loaded_by_path_with_a_wider_padded_head(student, tokenizer, tmp
 @pytest.fixture(scope="module")
 def discriminator(tmp_path_factory):
     """A small trained anchor discriminator, and the file it is saved to."""
-    discriminator = AnchorDiscriminator(num_buckets=1024, ngram_range=(1, 2))
-    discriminator.fit([f"{i}+1={i + 1}. \\boxed{{{i + 1}}}" for i in range(20)], ["zzzz qqqq"] * 20, steps=30)
     path = tmp_path_factory.mktemp("anchor") / "anchor.pt"
-    discriminator.save(path)
-    return discriminator, str(path)
+    return save_anchor(path), str(path)
 
 
 def test_aapa_anchor_is_an_added_weighted_reward(student, teacher, tokenizer, tmp_path, discriminator):

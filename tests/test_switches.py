@@ -18,9 +18,8 @@ from datasets import Dataset
 from safetensors.torch import save_file
 from trl import DistillationConfig, GRPOConfig
 
-from tiny import cpu_args, prompt_dataset, tiny_model, tiny_tokenizer
+from tiny import cpu_args, prompt_dataset, save_anchor, tiny_model, tiny_tokenizer
 from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig, SimCTTrainer
-from trl_opd.anchor import AnchorDiscriminator
 from trl_opd.representation import BridgeProjector
 from trl_opd.testbed.models import tiny_model as char_level_model
 from trl_opd.testbed.tokenizers import char_tokenizer
@@ -52,6 +51,14 @@ TIP, POSITION, PRIVILEGED = {"token_selection": "tip_soft_or"}, {"position_weigh
 OPRD, BRIDGED = {"representation_weight": 0.1}, {"representation_weight": 0.1, "projector": "bridge"}
 RANDOM_BRIDGE = {**BRIDGED, "allow_random_projector": True}
 
+# The AAPA fields of OPDConfig (the anchor term) and RLADConfig (the anchor reward); SimCTTrainer refuses them.
+ANCHORED = {"aapa_discriminator_path": ANCHOR}
+AAPA_CASES = {
+    "aapa_discriminator_path": case(ANCHORED),
+    "aapa_weight": case({**ANCHORED, "aapa_weight": 0.5}, ANCHORED),
+    "aapa_start_step": case({**ANCHORED, "aapa_start_step": 1}, ANCHORED),
+    "aapa_ramp_steps": case({**ANCHORED, "aapa_ramp_steps": 2}, ANCHORED),
+}
 # Every field OPDConfig adds to (or re-defaults in) DistillationConfig, also run by SimCTTrainer.
 OPD_CASES = {
     "divergence": case({"divergence": "forward_kl"}),
@@ -108,6 +115,7 @@ OPD_CASES = {
     "bridge_path": case({**BRIDGED, "bridge_path": BRIDGE}, RANDOM_BRIDGE),
     "bridge_fit_prompts": case({**BRIDGED, "bridge_fit_prompts": 2}, BRIDGED),
     "allow_random_projector": case(RANDOM_BRIDGE, BRIDGED),
+    **AAPA_CASES,
 }
 # The dataset's completions (" 0+1=1. \\boxed{1}"): BPE merges such as "Ġ\\" "boxed" against the teacher's
 # characters make 1:n spans (the random student's samples are mostly stray bytes); "decoded" puts the space, the
@@ -129,12 +137,7 @@ RLAD_CASES = {
     "rlad_teacher_clamp_mode": case({"rlad_teacher_clamp": 0.3, "rlad_teacher_clamp_mode": "literal"},
                                     {"rlad_teacher_clamp": 0.3}),
     "rlad_log_teacher_stats": case({"rlad_alpha": 1.0, "rlad_log_teacher_stats": True}, {"rlad_alpha": 1.0}),
-    "aapa_discriminator_path": case({"aapa_discriminator_path": ANCHOR}),
-    "aapa_weight": case({"aapa_discriminator_path": ANCHOR, "aapa_weight": 0.5}, {"aapa_discriminator_path": ANCHOR}),
-    "aapa_start_step": case({"aapa_discriminator_path": ANCHOR, "aapa_start_step": 1},
-                            {"aapa_discriminator_path": ANCHOR}),
-    "aapa_ramp_steps": case({"aapa_discriminator_path": ANCHOR, "aapa_ramp_steps": 2},
-                            {"aapa_discriminator_path": ANCHOR}),
+    **AAPA_CASES,
 }
 CASES = {"OPDTrainer": OPD_CASES, "SimCTTrainer": SIMCT_CASES, "RLADTrainer": RLAD_CASES}
 
@@ -188,9 +191,7 @@ def world(tmp_path_factory):
     bridge.fit_teacher(teacher_states)
     bridge.fit_student([torch.randn(40, 32, generator=generator) for _ in range(2)], teacher_states)
     save_file(dict(bridge.state_dict()), files / "bridge.safetensors")
-    anchor = AnchorDiscriminator(num_buckets=1024, ngram_range=(1, 2))
-    anchor.fit([f"{i}+1={i + 1}. \\boxed{{{i + 1}}}" for i in range(20)], ["zzzz qqqq"] * 20, steps=30)
-    anchor.save(files / "anchor.pt")
+    save_anchor(files / "anchor.pt")
 
     plain = prompt_dataset(8)
     plain = plain.add_column("solution", [f"[{i}]" + text for i, text in enumerate(plain["completion"])])

@@ -63,6 +63,16 @@ def tiny_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0, voca
     return model
 
 
+def save_anchor(path):
+    """A small AAPA discriminator (expert `i+1=...` answers vs `zzzz qqqq`), fitted and saved to `path`; returns it."""
+    from trl_opd.anchor import AnchorDiscriminator
+
+    discriminator = AnchorDiscriminator(num_buckets=1024, ngram_range=(1, 2))
+    discriminator.fit([f"{i}+1={i + 1}. \\boxed{{{i + 1}}}" for i in range(20)], ["zzzz qqqq"] * 20, steps=30)
+    discriminator.save(path)
+    return discriminator
+
+
 def save_tiny(directory, tokenizer, **model_kwargs) -> str:
     tiny_model(tokenizer, **model_kwargs).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

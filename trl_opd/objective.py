@@ -14,7 +14,8 @@ One call is, in order (methods.md §0.2):
    normalisers (generated tokens, sequences, or the cross-process Σ w for `weighted_mean`) passed in by the trainer.
 3. **Loss terms**: the token term, either the analytic (full-vocabulary or top-k) divergence through both LM heads,
    chunked or fused (§0.5, §1), or a sampled-token estimator (§0.6); times `logit_weight`; plus μ · L_OPRD (§6) when
-   the trainer captured hidden states. Optional no-grad **diagnostics** (§7.1) read the same hidden states.
+   the trainer captured hidden states; plus the AAPA anchor term (§11.3) when the trainer scored the rollouts.
+   Optional no-grad **diagnostics** (§7.1) read the same hidden states.
 
 Inputs are plain tensors (`CompletionBatch`): the student's last hidden states and `OutputHead`, and a teacher signal.
 `LocalTeacher` is a teacher that runs in this process (its hidden states and head). The teacher is read through two
@@ -23,7 +24,7 @@ methods only: `kernel_inputs` for the full-distribution passes (analytic loss, T
 two (or only the second, for the sampled-token methods).
 
 `stats` maps metric names to (sum, count) pairs over this micro-batch; the trainer gathers them over processes.
-Names: `opd/…` (the loss), `tip/…`, `evidence/…`, `oprd/…`, `diagnostics/…`.
+Names: `opd/…` (the loss), `tip/…`, `evidence/…`, `oprd/…`, `aapa/…`, `diagnostics/…`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .anchor import AnchorSchedule, anchor_policy_loss
 from .diagnostics import OverlapAccumulator
 from .losses import (
     OutputHead,
@@ -87,6 +89,8 @@ class CompletionBatch:
         teacher: the teacher's signal at the same positions (`LocalTeacher`).
         is_guided: optional `[B]` bool, the EDGE-OPD guided rows (for the evidence statistics).
         representation: OPRD's captured states, when the trainer captured them.
+        anchor_advantages: optional `[B]` AAPA advantages (0 for rows without the term), when the trainer scored
+            the rollouts.
     """
 
     valid: torch.Tensor
@@ -96,6 +100,7 @@ class CompletionBatch:
     teacher: LocalTeacher
     is_guided: torch.Tensor | None = None
     representation: RepresentationStates | None = None
+    anchor_advantages: torch.Tensor | None = None
 
 
 @dataclass
@@ -335,6 +340,37 @@ class RepresentationTerm:
                 stash(stats, f"oprd/loss_layer{index}", value, one)
 
 
+@dataclass(frozen=True)
+class AnchorTerm:
+    """AAPA's anchor term (methods.md §11.3): value 0, gradient −w(t) Σ_{b,t} c_bt A_b ∇log π_θ(ŷ_bt), with the
+    staged weight w(t), the batch's advantages A, the token term's reduction c (no weight factors) and log π_θ at the
+    sampling temperature. Training micro-batches only (it adds no value, only a gradient)."""
+
+    schedule: AnchorSchedule
+    temperature: float
+
+    def __call__(self, batch: CompletionBatch, reduction: str, normalisers: StepNormalisers, step: int,
+                 context: _CallContext) -> torch.Tensor | None:
+        weight = self.schedule.weight_at(step)
+        stash(context.stats, "aapa/weight", weight, 1)
+        advantages = batch.anchor_advantages
+        if weight == 0 or advantages is None or not normalisers.training:
+            return None
+        valid = batch.valid
+        # Before any early return: `weighted_mean` gathers over processes here.
+        coefficients = step_coefficients(reduction, *token_units(valid.float()), None, normalisers)
+        advantages = advantages.to(valid.device)
+        rows = valid & (advantages != 0).unsqueeze(1)
+        if not bool(rows.any()):
+            return None
+        chunk = context.chunks.loss_tokens(int(rows.sum()), batch.student_head.width)
+        logprobs = chunked_token_logprobs(batch.student_hidden[rows], batch.student_head,
+                                          batch.completion_ids.to(valid.device)[rows], temperature=self.temperature,
+                                          chunk_size=chunk)
+        return anchor_policy_loss(scatter(logprobs, rows), advantages, coefficients.reshape(valid.shape),
+                                  weight=weight)
+
+
 @dataclass
 class _CallContext:
     """What the pieces of one call share: the options, the stats being filled, the seeded generator."""
@@ -379,6 +415,7 @@ class OPDObjective:
         logit_weight: multiplies the token term (0 with OPRD: representation only, no LM-head pass).
         representation: the OPRD term, or None.
         diagnostics: the diagnostics pass, or None.
+        anchor: the AAPA anchor term, or None.
     """
 
     divergence: Divergence = Divergence()
@@ -390,6 +427,7 @@ class OPDObjective:
     logit_weight: float = 1.0
     representation: RepresentationTerm | None = None
     diagnostics: Diagnostics | None = None
+    anchor: AnchorTerm | None = None
 
     @classmethod
     def from_config(cls, args, *, temperature: float | None = None, representation_layers=()) -> OPDObjective:
@@ -424,6 +462,8 @@ class OPDObjective:
             logit_weight=args.logit_weight,
             representation=representation,
             diagnostics=Diagnostics(args.diagnostics_top_k) if args.diagnostics_steps > 0 else None,
+            anchor=AnchorTerm(AnchorSchedule.from_config(args), args.temperature)
+            if args.aapa_discriminator_path else None,
         )
 
     @property
@@ -438,10 +478,12 @@ class OPDObjective:
         *,
         selection_seed: int | None = None,
         diagnostics: bool = False,
+        step: int = 0,
     ) -> ObjectiveOutput:
-        """The micro-batch loss Σ c·ℓ (+ μ·L_OPRD), entropy sum, trained tokens and stats.
+        """The micro-batch loss Σ c·ℓ (+ μ·L_OPRD, + the AAPA term), entropy sum, trained tokens and stats.
 
         `diagnostics`: run the diagnostics pass on this micro-batch (the trainer decides when it is due).
+        `step`: the optimizer step, for the AAPA schedule.
         """
         context = self._context(selection_seed)
         if self.uses_heads:
@@ -455,6 +497,9 @@ class OPDObjective:
             if normalisers.training:  # the token term is already divided over the accumulation window
                 scale = scale / normalisers.accumulation_steps
             output.loss = output.loss + scale * self.representation(batch.representation, context.stats)
+        if self.anchor is not None:
+            anchor_loss = self.anchor(batch, self.reduction, normalisers, step, context)
+            output.loss = output.loss if anchor_loss is None else output.loss + anchor_loss
         output.stats = context.stats
         return output
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from trl import DistillationConfig
 
+from ..anchor import AnchorSchedule
 from ..losses import DIVERGENCES, ESTIMATORS, TOP_K_SOURCES
 from ..reduction import REDUCTIONS as LOSS_REDUCTIONS
 from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
@@ -248,6 +249,20 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
             Plot the curves with `trl_opd.diagnostics.plot_diagnostics(trainer.state.log_history, out_dir)`.
         diagnostics_top_k (`int`, defaults to `16`):
             k of the top-k overlap (the paper's default 16); at most the vocabulary size.
+
+        > AAPA anchor term (methods.md §11.3; our design, see `trl_opd.anchor`)
+
+        aapa_discriminator_path (`str` or `None`, defaults to `None`):
+            Path of a frozen `trl_opd.anchor.AnchorDiscriminator`. When set, each student rollout ŷ is scored
+            s(ŷ) = clip(logit D(ŷ), ±5) and the loss gets a sequence-level REINFORCE term with value 0 and gradient
+            −w(t) Σ_t c_t (s(ŷ) − b) ∇log π_θ(ŷ_t): b is the mean score of the other rollouts of the generation
+            batch, c the token term's reduction coefficients, log π_θ at the sampling `temperature`. Only the
+            student's own rollouts get it (not off-policy batches, not EDGE-OPD guided rows).
+        aapa_weight (`float`, defaults to `0.1`):
+            λ, the anchor term's weight once fully on.
+        aapa_start_step (`int`, defaults to `0`), aapa_ramp_steps (`int`, defaults to `0`):
+            Staged AAPA: weight 0 before optimizer step `aapa_start_step`, then a linear ramp to `aapa_weight` over
+            `aapa_ramp_steps` steps (0: at once).
     """
 
     beta: float = field(
@@ -360,6 +375,15 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         default=0, metadata={"help": "Log top-k overlap diagnostics every N optimizer steps; 0 = off."}
     )
     diagnostics_top_k: int = field(default=16, metadata={"help": "k of the top-k overlap diagnostics."})
+    # AAPA anchor term
+    aapa_discriminator_path: str | None = field(
+        default=None, metadata={"help": "Frozen AnchorDiscriminator file; adds a REINFORCE term on its score."}
+    )
+    aapa_weight: float = field(default=0.1, metadata={"help": "Weight λ of the AAPA anchor term."})
+    aapa_start_step: int = field(default=0, metadata={"help": "Optimizer step at which the anchor weight starts."})
+    aapa_ramp_steps: int = field(
+        default=0, metadata={"help": "Steps of the linear ramp of the anchor weight from 0 to aapa_weight."}
+    )
 
     trainer_name = "OPDTrainer"  # not a field: the trainer `support.refuse_unsupported` checks this config against
 
@@ -412,6 +436,7 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         self._validate_teacher_context()
         self._validate_aligned_prompts()
         self._validate_diagnostics()
+        AnchorSchedule.from_config(self)  # aapa_weight, aapa_start_step, aapa_ramp_steps
 
     def _validate_aligned_prompts(self) -> None:
         _require_unit_interval("aligned_prompt_ratio", self.aligned_prompt_ratio)

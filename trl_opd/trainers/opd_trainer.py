@@ -9,6 +9,8 @@ The parent generates on-policy completions once per gradient-accumulation window
 * `_compute_loss`: the student's and the teacher's forwards (with the capture request armed around each, for
   OPRD), then one call of `self.objective` (`trl_opd.objective.OPDObjective`, built from the config): weight
   factors, one reduction, the loss terms, the diagnostics. Its statistics are gathered over processes and logged.
+* with an AAPA discriminator, `_generate_and_score_completions` also scores the student's rollouts and passes their
+  leave-one-out advantages (`trl_opd.anchor`, methods.md §11.3) to the objective's anchor term.
 
 What is trained lives in `trl_opd/objective.py` (pure, tested without a trainer); this module decides which
 tensors it gets, on which device, with which step-level normalisers (`_step_normalisers`) and seed.
@@ -27,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from trl import DistillationTrainer
 from trl.trainer.utils import pad
 
+from ..anchor import AnchorDiscriminator, leave_one_out_advantages
 from ..objective import CompletionBatch, LocalTeacher, OPDObjective
 from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
@@ -102,6 +105,7 @@ class _OPDTrainerCore(DistillationTrainer):
             model, teacher_model, student_tokenizer, args
         )
         self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
+        self._anchor = AnchorDiscriminator.load(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(
             model=model,
@@ -275,7 +279,27 @@ class _OPDTrainerCore(DistillationTrainer):
         loss_mask = self._loss_mask(output)
         output["num_sequences_in_batch"] = self.accelerator.gather((loss_mask.sum(dim=1) > 0).sum()).sum()
         self._metrics[mode]["rollout/on_policy"].append(float(self._rollout_source == "student"))
+        if self._anchor is not None:
+            own_rollouts = [self._rollout_source == "student" and not is_guided for is_guided in guided]
+            output["aapa_advantages"] = self._anchor_advantages(output, own_rollouts, mode)
         return output
+
+    def _anchor_advantages(self, output, own_rollouts: list[bool], mode: str) -> torch.Tensor:
+        """AAPA (methods.md §11.3): the discriminator's score of each completion, and the leave-one-out advantages of
+        the student's own rollouts (0 for the other rows); logs the mean score, probability and |advantage| of those
+        rollouts."""
+        texts = [self._tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+                 for ids, mask in zip(output["completion_ids"].cpu(), output["completion_mask"].cpu())]
+        logits = self._anchor.logits(texts).float()
+        scores = logits.clamp(-self._anchor.score_clip, self._anchor.score_clip)
+        rows = torch.tensor(own_rollouts, dtype=torch.bool)
+        advantages = leave_one_out_advantages(scores, rows)
+        local = torch.stack([scores * rows, torch.sigmoid(logits) * rows, advantages.abs(), rows.float()]).sum(1)
+        gathered = self.accelerator.gather(local.to(self.accelerator.device).reshape(1, 4)).sum(0).tolist()
+        if gathered[-1] > 0:
+            for name, total in zip(("score", "probability", "advantage_abs"), gathered):
+                self._metrics[mode][f"aapa/{name}"].append(total / gathered[-1])
+        return advantages.to(self.accelerator.device)
 
     def _align_prompts(self, inputs) -> list:
         """Teacher-aligned prompts (methods.md §7.3): this process's rows, a share `aligned_prompt_ratio` of them with
@@ -480,7 +504,7 @@ class _OPDTrainerCore(DistillationTrainer):
         batch.representation = captures.states()
         output = self.objective(
             batch, self._step_normalisers(inputs, num_items_in_batch),
-            selection_seed=self._selection_seed(), diagnostics=self._diagnostics_due(),
+            selection_seed=self._selection_seed(), diagnostics=self._diagnostics_due(), step=self.state.global_step,
         )
         self._loss_stats.update(output.stats)
         self._check_finite_loss(output.loss)
@@ -517,6 +541,7 @@ class _OPDTrainerCore(DistillationTrainer):
             student_head=student_head,
             teacher=LocalTeacher(teacher_hidden, teacher_head),
             is_guided=inputs.get("is_guided"),
+            anchor_advantages=inputs.get("aapa_advantages"),
         )
 
     def _step_normalisers(self, inputs, num_items_in_batch) -> StepNormalisers:

@@ -108,6 +108,9 @@ COMPONENTS = {c.name: c for c in (
     _component("guided", "EDGE-OPD guided rollouts", ["guided_fraction"]),
     _component("aligned_prompts", "teacher-aligned prompts", ["aligned_prompt_template"], ["aligned_prompt_ratio"]),
     _component("diagnostics", "the top-k overlap diagnostics", ["diagnostics_steps"], ["diagnostics_top_k"]),
+    # the AAPA anchor as a loss term (methods.md §11.3)
+    _component("aapa_term", "the AAPA anchor term (REINFORCE on the anchor score)", ["aapa_discriminator_path"],
+               ["aapa_weight", "aapa_start_step", "aapa_ramp_steps"]),
     # hidden states (methods.md §6)
     _component("oprd", "OPRD hidden-state distillation", ["representation_weight"],
                ["logit_weight", "representation_layers", "representation_positions", "representation_last_k",
@@ -126,7 +129,7 @@ COMPONENTS = {c.name: c for c in (
 )}
 
 _OPD_ONLY = ("divergence", "estimator", "top_k", "clip", "chunked_head", "tip_q3", "tip_importance",
-             "tip_scoring_pass", "evidence", "seq_kd", "self_teacher", "guided", "diagnostics", "oprd")
+             "tip_scoring_pass", "evidence", "seq_kd", "self_teacher", "guided", "diagnostics", "oprd", "aapa_term")
 _OPD_FAMILY = tuple(name for name, component in COMPONENTS.items() if component.owner == "OPDConfig")
 
 
@@ -161,6 +164,7 @@ TRAINERS = {t.name: t for t in (
             "guided": "guided rollouts feed the teacher's prompt ids to the student",
             "diagnostics": "the overlap statistics compare both models' top-k over one vocabulary",
             "oprd": "its loss never captures hidden states, so the OPRD term and projector would not train",
+            "aapa_term": "its segment objective has no anchor term",
         },
     ),
     Trainer("RLADTrainer", "RLADConfig", "GRPO rewards and a teacher with the student's tokenizer",
@@ -189,10 +193,12 @@ MODES = (
          lambda c: _number(c.logit_weight) and c.logit_weight == 0 and _number(c.representation_weight)
          and c.representation_weight > 0,
          ("divergence", "loss_temperature", "estimator", "top_k", "clip", "reduction", "chunked_head", "tip",
-          "tip_q3", "tip_importance", "tip_scoring_pass", "position", "evidence", "diagnostics"),
+          "tip_q3", "tip_importance", "tip_scoring_pass", "position", "evidence", "diagnostics", "aapa_term"),
          "there is no logit loss and no LM-head pass", "logit_weight > 0"),
     Mode("OPDTrainer", "lmbda=0 (every batch off-policy)", lambda c: _number(c.lmbda) and c.lmbda == 0,
          ("guided",), "guided rollouts are student rollouts, and there are none", "lmbda > 0"),
+    Mode("OPDTrainer", "lmbda=0 (every batch off-policy)", lambda c: _number(c.lmbda) and c.lmbda == 0,
+         ("aapa_term",), "the anchor term rewards the student's own rollouts, and there are none", "lmbda > 0"),
     Mode("OPDTrainer", "lmbda=1 (every batch on-policy)", lambda c: _number(c.lmbda) and c.lmbda == 1,
          ("seq_kd",), "seq_kd only says who writes the off-policy batches, and there are none", "lmbda < 1"),
 )
