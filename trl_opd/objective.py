@@ -18,10 +18,10 @@ One call is, in order (methods.md §0.2):
    Optional no-grad **diagnostics** (§7.1) read the same hidden states.
 
 Inputs are plain tensors (`CompletionBatch`): the student's last hidden states and `OutputHead`, and a teacher signal.
-`LocalTeacher` is a teacher that runs in this process (its hidden states and head). The teacher is read through two
-methods only: `kernel_inputs` for the full-distribution passes (analytic loss, TIP scoring, diagnostics) and
-`token_logprobs` for the sampled-token passes (estimators, evidence); a teacher served elsewhere implements the same
-two (or only the second, for the sampled-token methods).
+`LocalTeacher` is a teacher that runs in this process. The objective reads the teacher in two ways only: its hidden
+states and head (`hidden`, `head`) for the full-distribution passes (analytic loss, TIP scoring, diagnostics), and
+`token_logprobs` for the sampled-token passes (estimators, evidence). A teacher served elsewhere (not built yet) plugs
+in by providing the same, or only `token_logprobs` for the sampled-token methods.
 
 `stats` maps metric names to (sum, count) pairs over this micro-batch; the trainer gathers them over processes.
 Names: `opd/…` (the loss), `tip/…`, `evidence/…`, `oprd/…`, `aapa/…`, `diagnostics/…`.
