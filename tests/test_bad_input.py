@@ -252,6 +252,24 @@ def _(tmp_path, model_dirs):
     raises(ValueError, "non-empty list of messages", lambda: opd(model_dirs, tmp_path, data))
 
 
+@case("dataset", "a GKD `messages` conversation whose last turn is not the assistant's",
+      "ValueError: “Row 1 of `train_dataset` has a conversation with the roles ['user', 'assistant', 'user'] … "
+      "needs … a final 'assistant' message …”")
+def _(tmp_path, model_dirs):
+    good = [{"role": "user", "content": "Compute 1+2."}, {"role": "assistant", "content": "1+2=3."}]
+    data = Dataset.from_dict({"messages": [good, good + [{"role": "user", "content": "And 2+2?"}]]})
+    raises(ValueError, "Row 1 of `train_dataset` has a conversation with the roles ['user', 'assistant', 'user']",
+           lambda: opd(model_dirs, tmp_path, data))
+
+
+@case("dataset", "a GKD `messages` conversation with no assistant turn",
+      "ValueError: “Row 0 of `train_dataset` has a conversation with the roles ['user'] …”")
+def _(tmp_path, model_dirs):
+    data = Dataset.from_dict({"messages": [[{"role": "user", "content": "Compute 1+2."}]]})
+    raises(ValueError, "Row 0 of `train_dataset` has a conversation with the roles ['user']",
+           lambda: opd(model_dirs, tmp_path, data))
+
+
 @case("dataset", "a prompt longer than the context (2,600 tokens, `max_position_embeddings=256`)",
       "ValueError: “1 of 2 training prompts are too long … at most 250 tokens … row 1 has 2600 …”")
 def _(tmp_path, model_dirs):

@@ -25,8 +25,8 @@ def check_datasets(train_dataset, eval_dataset, args: OPDConfig) -> None:
         if "prompt" not in columns:
             raise ValueError(
                 f"`{name}` has no 'prompt' column (columns: {columns}). OPDTrainer generates from a 'prompt' "
-                "column of plain strings or conversations; rename your prompt column, e.g. "
-                "`dataset.rename_column('question', 'prompt')`."
+                "column of plain strings or conversations (or splits GKD's 'messages' column of whole conversations); "
+                "rename your prompt column, e.g. `dataset.rename_column('question', 'prompt')`."
             )
         if name == "train_dataset" and len(data) == 0:
             raise ValueError("`train_dataset` is empty.")

@@ -35,6 +35,7 @@ from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
 from .aligned_prompts import aligned_prompt
 from .dataset_checks import check_datasets, check_teacher_argument, check_teacher_context
+from .gkd_migration import messages_to_prompt_completion
 from .lm_head import output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
@@ -68,6 +69,9 @@ class _OPDTrainerCore(DistillationTrainer):
         train_dataset: rows with a `prompt` column (plain text or conversational); a `completion` column is needed for
             off-policy batches when `lmbda < 1` and `seq_kd=False`; the privileged-context column
             (`args.teacher_context_column`) when the teacher gets a privileged prompt.
+            A `messages` column of whole conversations (GKDTrainer's format, no `prompt` column) is split into
+            `prompt` = the messages before the last and `completion` = the last, an assistant message
+            (`trl_opd.trainers.gkd_migration`).
         The other arguments are those of `trl.DistillationTrainer`.
     """
 
@@ -97,6 +101,13 @@ class _OPDTrainerCore(DistillationTrainer):
         check_teacher_init_kwargs(teacher_model, args)
         self._self_teacher = args.uses_self_teacher(teacher_model)
         self._privileged = args.uses_teacher_context(teacher_model)
+        # GKD's `messages` datasets: split each conversation into prompt/completion (checked, before any load).
+        train_dataset = messages_to_prompt_completion(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {key: messages_to_prompt_completion(data, f"eval_dataset[{key!r}]")
+                            for key, data in eval_dataset.items()}
+        else:
+            eval_dataset = messages_to_prompt_completion(eval_dataset, "eval_dataset")
         check_datasets(train_dataset, eval_dataset, args)
         check_teacher_context(train_dataset, args, self._privileged)
         # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
