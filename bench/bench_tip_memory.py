@@ -8,7 +8,7 @@ Every variant runs in a fresh subprocess; its loss-phase footprint is its peak R
 (``getrusage(RUSAGE_SELF).ru_maxrss``) minus its RSS just before `compute_loss`.
 
 The loss is chunked: a chunk holds at most `loss_chunk_size` tokens, and at this vocabulary fewer, so that one
-chunk's logits are no more than TRL's vocabulary tile for the same batch (`OPDTrainer._loss_chunk_tokens`: about
+chunk's logits are no more than TRL's vocabulary tile for the same batch (`objective.ChunkPolicy.loss_tokens`: about
 0.22 × the token count at 151,936 entries). TIP's scoring pass runs in chunks of ⌈ρ·c⌉ tokens, c being the
 all-token chunk, and its gradient pass holds the ≈ρ·N selected rows in chunks of about ρ·c; so both of its passes
 hold about ρ times the logits of the all-token loss, whatever the token count. Measured at the default
@@ -91,7 +91,7 @@ def build_trainer(selection: str, chunk_size: int, output_dir: str):
         tiny_qwen3(0, tokenizer.pad_token_id, tokenizer.eos_token_id),
         tiny_qwen3(1, tokenizer.pad_token_id, tokenizer.eos_token_id),
         args=args,
-        train_dataset=Dataset.from_dict({"prompt": ["x"]}),
+        train_dataset=Dataset.from_dict({"prompt": ["x"] * 8}),  # one batch: the loss reads synthetic batches
         processing_class=tokenizer,
     )
 
@@ -119,6 +119,8 @@ def child(selection: str, tokens: int, chunk_size: int) -> dict:
 
     import torch
 
+    from trl_opd import objective as objective_module
+
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = build_trainer(selection, chunk_size, output_dir)
@@ -126,13 +128,14 @@ def child(selection: str, tokens: int, chunk_size: int) -> dict:
         trainer.current_gradient_accumulation_steps = 1
         batch = synthetic_batch(tokens)
         rows_in_gradient_pass = []
-        original = trainer._analytic_loss
+        original = objective_module.fused_divergence_loss
 
-        def counting(student_hidden, *args, **kwargs):
+        def counting(student_hidden, *args, **kwargs):  # the gradient pass of the objective's token term
             rows_in_gradient_pass.append(student_hidden.shape[0])
             return original(student_hidden, *args, **kwargs)
 
-        trainer._analytic_loss = counting
+        objective_module.fused_divergence_loss = counting
+        chunks, vocab = trainer.objective.chunks, trainer.model.get_output_embeddings().weight.shape[0]
         before, high_water_before = current_rss_gb(), peak_rss_gb()
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = trainer.compute_loss(trainer.model, batch)
@@ -143,11 +146,9 @@ def child(selection: str, tokens: int, chunk_size: int) -> dict:
         "selection": selection,
         "tokens": tokens,
         "loss_chunk_size": chunk_size,
-        "scoring_chunk_size": trainer._scoring_chunk_tokens(tokens, trainer.model.get_output_embeddings())
-        if selection != "none"
-        else None,
+        "scoring_chunk_size": chunks.scoring_tokens(tokens, vocab) if selection != "none" else None,
         "rows_in_gradient_pass": rows_in_gradient_pass[0],
-        "chunk_tokens": trainer._loss_chunk_tokens(tokens, trainer.model.get_output_embeddings()),
+        "chunk_tokens": chunks.loss_tokens(tokens, vocab),
         "loss": loss.item(),
         "seconds": round(seconds, 2),
         "cpu_seconds": round(cpu_seconds, 2),
