@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
+import numbers
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 
 from trl import DistillationConfig
@@ -28,33 +34,87 @@ def _require_unit_interval(name: str, value: float) -> None:
         raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
 
 
-_FIELD_TYPES = {"float": (int, float), "int": (int,), "bool": (bool,), "str": (str,), "dict": (dict, str)}
+_FIELD_TYPES = {
+    "float": (numbers.Real,), "int": (numbers.Integral,), "bool": (bool,), "str": (str,), "dict": (dict, str),
+    "list": (list, tuple),
+}
 
 
-def check_field_types(config, owner) -> None:
-    """A clear error for a value of the wrong type in a field declared by `owner` (a config dataclass), e.g. a YAML
-    list or string where a number belongs; otherwise the first comparison fails with an obscure TypeError.
-    Annotations are strings (`from __future__ import annotations`): `float`, `int | None`, `dict | None`, ..."""
-    for name, declared in owner.__annotations__.items():
-        if not isinstance(declared, str):
+def field_kinds(annotation) -> list[str] | None:
+    """The simple kinds of a field's annotation (`float`, `int | None`, `Optional[str]`, `dict[str, Any] | str`,
+    written as a string or as a type): names of `_FIELD_TYPES` and "None"; None for a richer annotation (an enum,
+    a Literal, a dataclass), which its own validation checks."""
+    if isinstance(annotation, str):
+        text = re.sub(r"\[[^\[\]]*\]", "", annotation)  # dict[str, Any] -> dict (one level is all the configs use)
+        text = re.sub(r"\[[^\[\]]*\]", "", text)
+        if "Optional" in annotation or "Union" in annotation or "Literal" in annotation:
+            return None  # typing spellings in string annotations: not used by the configs' own fields
+        kinds = [kind.strip() for kind in text.split("|")]
+    else:
+        if annotation is type(None):
+            return ["None"]
+        origin = typing.get_origin(annotation)
+        if origin in (typing.Union, types.UnionType):
+            kinds = []
+            for argument in typing.get_args(annotation):
+                inner = field_kinds(argument)
+                if inner is None:
+                    return None
+                kinds.extend(inner)
+            return kinds
+        annotation = origin or annotation
+        kinds = [getattr(annotation, "__name__", "?")]
+        if kinds == ["NoneType"]:
+            kinds = ["None"]
+    return kinds if all(kind in _FIELD_TYPES or kind == "None" for kind in kinds) else None
+
+
+def declared_annotation(cls, name: str, fallback):
+    """A field's annotation as its class declares it: `dataclasses.fields(...)[i].type` is not reliable, since
+    transformers' HfArgumentParser rewrites it in place (e.g. `str | bool` becomes `bool`) when it builds a parser."""
+    for klass in cls.__mro__:
+        annotations = inspect.get_annotations(klass)
+        if name in annotations:
+            return annotations[name]
+    return fallback
+
+
+def check_field_types(config, owner=None) -> None:
+    """A clear error for a value of the wrong type in any field of `config` (a config dataclass), its own and those
+    it inherits from TRL and transformers (e.g. `learning_rate="1e-6"`, a YAML list or string where a number
+    belongs); otherwise the first comparison fails with an obscure TypeError after the models load. `owner` is
+    accepted for older callers and ignored: every field is checked."""
+    for spec in dataclasses.fields(config):
+        annotation = declared_annotation(type(config), spec.name, spec.type)
+        kinds = field_kinds(annotation)
+        if kinds is None:
             continue
-        kinds = [kind.strip() for kind in declared.split("|")]
-        if not all(kind in _FIELD_TYPES or kind == "None" for kind in kinds):
-            continue  # a richer annotation: its own validation checks it
-        value = getattr(config, name, None)
-        if value is None and "None" in kinds:
+        value = getattr(config, spec.name, None)
+        if value is None:  # a None default, or the argument parser's "not given": TRL resolves those itself
             continue
         allowed = tuple(t for kind in kinds if kind in _FIELD_TYPES for t in _FIELD_TYPES[kind])
         numeric = "bool" not in kinds and isinstance(value, bool)  # True is an int, but not a number here
         if numeric or not isinstance(value, allowed):
+            declared = annotation if isinstance(annotation, str) else " | ".join(kinds)
             raise ValueError(
-                f"`{name}` must be of type {declared}, got {value!r} ({type(value).__name__}). In a YAML recipe write "
-                f"a plain value, e.g. `{name}: {_example(kinds)}`."
+                f"`{spec.name}` must be of type {declared}, got {value!r} ({type(value).__name__}). "
+                + _type_fix(spec.name, kinds, value)
             )
 
 
+def _type_fix(name: str, kinds, value) -> str:
+    if isinstance(value, str) and any(kind in ("float", "int") for kind in kinds):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:
+            return f"Pass a number, not a string: `{name}={value.strip()}`."
+    return f"In a YAML recipe write a plain value, e.g. `{name}: {_example(kinds)}`."
+
+
 def _example(kinds) -> str:
-    return {"float": "0.5", "int": "8", "bool": "true", "str": "name", "dict": "{key: value}"}[
+    return {"float": "0.5", "int": "8", "bool": "true", "str": "name", "dict": "{key: value}", "list": "[a, b]"}[
         next(kind for kind in kinds if kind != "None")
     ]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..cross_tokenizer import SHARED_VOCAB_MODES, SPAN_SCORES, ULD_MERGES
-from .opd_config import OPDConfig, _require_choice
+from .opd_config import OPDConfig, _require_choice, check_field_types
 
 CROSS_TOKENIZER_LOSSES = ("simct", "simple", "uld")
 
@@ -110,6 +110,7 @@ class SimCTConfig(OPDConfig):
         super().__post_init__()
 
     def _validate_simct_fields(self) -> None:
+        check_field_types(self)  # before the comparisons below; OPDConfig's checks run after
         _require_choice("cross_tokenizer_loss", self.cross_tokenizer_loss, CROSS_TOKENIZER_LOSSES)
         _require_choice("simct_span_score", self.simct_span_score, SPAN_SCORES)
         _require_choice("shared_vocabulary_mode", self.shared_vocabulary_mode, SHARED_VOCAB_MODES)
