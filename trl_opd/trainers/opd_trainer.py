@@ -34,7 +34,13 @@ from ..objective import CompletionBatch, LocalTeacher, OPDObjective
 from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
 from .aligned_prompts import aligned_prompt
-from .dataset_checks import check_datasets, check_teacher_argument, check_teacher_context
+from .dataset_checks import (
+    check_dataset_size,
+    check_datasets,
+    check_output_dir,
+    check_teacher_argument,
+    check_teacher_context,
+)
 from .gkd_migration import messages_to_prompt_completion
 from .lm_head import output_head
 from .opd_config import OPDConfig
@@ -43,7 +49,14 @@ from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rows import ALIGNED_STREAM, GUIDED_STREAM, seeded_rows
 from .self_distillation import SELF_TEACHER, teacher_prompt
-from .teacher import check_teacher_init_kwargs, load_teacher, model_config, prepare_teacher, try_tokenizer
+from .teacher import (
+    check_teacher_init_kwargs,
+    load_teacher,
+    model_config,
+    prepare_teacher,
+    try_tokenizer,
+    warn_if_teacher_smaller,
+)
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
 logger = hf_logging.get_logger(__name__)
@@ -116,6 +129,12 @@ class _OPDTrainerCore(DistillationTrainer):
             model, teacher_model, student_tokenizer, args
         )
         self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
+        check_dataset_size(train_dataset, args.per_device_train_batch_size * args.world_size
+                           * args.gradient_accumulation_steps, "per_device_train_batch_size x processes x "
+                           "gradient_accumulation_steps")
+        check_output_dir(args)
+        if not self._self_teacher:
+            warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
         self._anchor = AnchorDiscriminator.load(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(

@@ -30,7 +30,16 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 
 from ..anchor import AnchorSchedule, make_anchor_reward
 from ..rlad import scale_gradient, teacher_clamp_mask, trrd_anchor_logp, trrd_logp_grad_scale
-from .teacher import check_teacher_init_kwargs, load_teacher, model_config, prepare_teacher, try_tokenizer
+from .dataset_checks import check_dataset_size, check_output_dir, check_prompt_columns
+from .reward_checks import check_reward_functions
+from .teacher import (
+    check_teacher_init_kwargs,
+    load_teacher,
+    model_config,
+    prepare_teacher,
+    try_tokenizer,
+    warn_if_teacher_smaller,
+)
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rlad_config import RLADConfig
@@ -84,8 +93,14 @@ class RLADTrainer(GRPOTrainer):
         self._check_teacher_argument(teacher_model, args)
         student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))  # loaded once, for both
         self._check_teacher_vocabulary(model, teacher_model, student_tokenizer, args)
+        check_prompt_columns(train_dataset, eval_dataset, "RLADTrainer")
         check_prompts(train_dataset, [(model, None), (teacher_model, args.teacher_model_revision)], student_tokenizer,
                       args, args.chat_template_kwargs or {})
+        check_dataset_size(train_dataset, args.generation_batch_size // args.num_generations,
+                           "generation_batch_size / num_generations unique prompts")
+        check_output_dir(args)
+        check_reward_functions(reward_funcs, train_dataset)
+        warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
         anchor_reward = make_anchor_reward(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(

@@ -6,16 +6,27 @@ Shared by OPDTrainer (and SimCTTrainer) and RLADTrainer, whose configs carry the
 
 from __future__ import annotations
 
+import glob
+import os
+
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 from trl.models import prepare_deepspeed
 from trl.models.utils import prepare_fsdp
 from trl.trainer.utils import create_model_from_path
+
+logger = hf_logging.get_logger(__name__)
 
 
 def model_config(model, args, revision: str | None = None):
     """The config of a model given as a path/Hub id (read without loading weights) or as a module."""
     if not isinstance(model, str):
         return model.config
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "config.json")):
+        checkpoints = sorted(glob.glob(os.path.join(model, "checkpoint-*")), key=_step)
+        hint = (f" It holds training checkpoints: pass one of them, e.g. {checkpoints[-1]!r}." if checkpoints
+                else " Pass the directory that `save_pretrained` wrote (it holds config.json and the weights).")
+        raise ValueError(f"{model!r} is a directory but not a model directory: it has no config.json.{hint}")
     try:
         return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
     except OSError as error:
@@ -24,6 +35,34 @@ def model_config(model, args, revision: str | None = None):
             f"and the Hub could not provide it ({error}). Check the path or Hub id, `revision`, and "
             "HF_HUB_OFFLINE."
         ) from error
+
+
+def _step(path: str) -> int:
+    suffix = path.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def approximate_parameters(config) -> int | None:
+    """Parameters of a decoder from its config (layers x (attention + MLP) + embeddings), to compare two models
+    without loading them; None when the config lacks the sizes."""
+    text = config.get_text_config()
+    sizes = [getattr(text, name, None) for name in ("hidden_size", "num_hidden_layers", "intermediate_size",
+                                                    "vocab_size")]
+    if not all(isinstance(size, int) and size > 0 for size in sizes):
+        return None
+    hidden, layers, intermediate, vocab = sizes
+    return layers * (4 * hidden * hidden + 3 * hidden * intermediate) + vocab * hidden
+
+
+def warn_if_teacher_smaller(student, teacher, args, revision: str | None = None) -> None:
+    """A teacher with fewer parameters than the student is legal but usually swapped arguments: warn once."""
+    student_size = approximate_parameters(model_config(student, args))
+    teacher_size = approximate_parameters(model_config(teacher, args, revision))
+    if student_size is not None and teacher_size is not None and teacher_size < student_size:
+        logger.warning_once(
+            f"The teacher has about {teacher_size:,} parameters, fewer than the student's {student_size:,}: are the "
+            "`model` and `teacher_model` arguments swapped? (The first argument is the student, which is trained.)"
+        )
 
 
 def try_tokenizer(model, args):
