@@ -118,6 +118,57 @@ def build_parser(prog: str, description: str, default_benchmarks: Sequence[str])
     return parser
 
 
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args) -> None:
+    """Mistakes that can be known from the arguments alone exit 2 here, before a model or a benchmark loads."""
+    for flag, value, ok, rule in (
+        ("--n", args.n, lambda v: v >= 1, ">= 1"),
+        ("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, ">= 1"),
+        ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (0 = greedy)"),
+        ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("--batch-size", args.batch_size, lambda v: v >= 1, ">= 1"),
+    ):
+        if value is not None and not ok(value):
+            parser.error(f"{flag} {value}: must be {rule}.")
+    _check_benchmark_names(parser, args.benchmarks)
+    if args.backend != "openai" and not args.base_url:
+        _check_model_path(parser, args.model)
+
+
+def _check_benchmark_names(parser, names) -> None:
+    import difflib
+
+    from trl_opd.eval.benchmarks import BENCHMARKS
+
+    known = [*BENCHMARKS, "aimo"]
+    for name in names:
+        if name in known or Path(name).exists():
+            continue
+        if name.endswith(_DATA_SUFFIXES):
+            parser.error(f"--benchmarks {name}: no such file.")
+        if "/" not in name:  # not a file and not a Hub dataset id (owner/name)
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            parser.error(f"--benchmarks {name}: unknown benchmark.{hint} The bundled ones are {', '.join(known)}; "
+                         f"or give a {'/'.join(_DATA_SUFFIXES)} file or a Hub dataset id (owner/name).")
+
+
+def _check_model_path(parser, model: str) -> None:
+    path = Path(model).expanduser()
+    local = model.startswith(("/", ".", "~")) or model.count("/") >= 2
+    if not path.exists():
+        if local:
+            parser.error(f"--model {model}: no such directory (a local model folder, or a Hub id like owner/name).")
+        return
+    if path.is_dir() and not (path / "config.json").is_file():
+        checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
+                             if p.name.split("-")[-1].isdigit() else -1)
+        hint = f" Pass a checkpoint, e.g. --model {checkpoints[-1]}." if checkpoints else ""
+        parser.error(f"--model {model}: a directory without config.json, not a model folder.{hint}")
+
+
 def _benchmarks(args) -> dict:
     """``{label: dataset}`` for ``--benchmarks`` ("aimo" expands to both AIMO sets; files are labelled by stem)."""
     from trl_opd.eval.benchmarks import BENCHMARKS, load_benchmark
@@ -150,7 +201,9 @@ def _sampling(args) -> dict:
 def main(
     argv: Sequence[str] | None = None, *, prog: str, description: str, default_benchmarks: Sequence[str]
 ) -> int:
-    args = build_parser(prog, description, default_benchmarks).parse_args(argv)
+    parser = build_parser(prog, description, default_benchmarks)
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
     from trl_opd.eval.prompts import DEFAULT_PROMPT_TEMPLATE
     from trl_opd.eval.report import markdown_table
     from trl_opd.eval.runner import evaluate_math
