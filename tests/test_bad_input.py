@@ -97,6 +97,13 @@ CONFIG_CASES = [
     (RLADConfig, {"rlad_alpha": 1.5, "num_generations": 4}, "`rlad_alpha` must be in [0, 1]"),
     (RLADConfig, {"rlad_teacher_clamp": 0.0, "num_generations": 4}, "`rlad_teacher_clamp` must be > 0"),
     (RLADConfig, {"rlad_alpha": "0.5", "num_generations": 4}, "`rlad_alpha` must be of type float"),
+    (OPDConfig, {"learning_rate": "1e-6"}, "Pass a number, not a string: `learning_rate=1e-6`"),
+    (OPDConfig, {"max_steps": 2.5}, "`max_steps` must be of type int, got 2.5"),
+    (SimCTConfig, {"bf16": "no"}, "`bf16` must be of type bool | None, got 'no'"),
+    (SimCTConfig, {"simct_min_teacher_coverage": "0.5"}, "`simct_min_teacher_coverage=0.5`"),
+    (RLADConfig, {"per_device_train_batch_size": "8", "num_generations": 4},
+     "`per_device_train_batch_size=8`"),
+    (RLADConfig, {"beta": [0.04], "num_generations": 4}, "`beta` must be of type float, got [0.04] (list)"),
 ]
 
 
@@ -485,6 +492,259 @@ def _(tmp_path, model_dirs):
     raises(ValueError, "strictly increasing", lambda: ForesightCallback(lambda m: 0.0, schedule=[4, 2]))
 
 
+# ---------------------------------------------------------------------------------------------- issue 18: early errors
+
+
+def chat(*messages):
+    return Dataset.from_dict({"prompt": [list(messages)] * 8})
+
+
+def rlad(model_dirs, tmp_path, reward=None, data=None, teacher="teacher", **overrides):
+    overrides.setdefault("num_generations", 4)
+    return RLADTrainer(model_dirs["student"], reward or char_variety_reward, args=config(tmp_path, RLADConfig, **overrides),
+                       train_dataset=prompt_dataset() if data is None else data,
+                       teacher_model=model_dirs.get(teacher, teacher))
+
+
+def iterable(rows):
+    from datasets import IterableDataset
+
+    def generate():
+        yield from rows
+
+    return IterableDataset.from_generator(generate)
+
+
+@case("dataset", "a chat message with a misspelled role (`{'role': 'usr', …}`)",
+      "ValueError: “Row 0 of `train_dataset`, message 0 has the role 'usr' … Did you mean 'user'? …” (rendered as an "
+      "empty prompt and trained on before)")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has the role 'usr'", lambda: opd(model_dirs, tmp_path, chat({"role": "usr", "content": "1+2?"})))
+
+
+@case("dataset", "a chat message with a misspelled key (`{'role': 'user', 'contnet': …}`)",
+      "ValueError: “Row 0 …, message 0 (role 'user') has no 'content' (keys: ['role', 'contnet']). Did you mean "
+      "'content'? …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "Did you mean 'content'?", lambda: opd(model_dirs, tmp_path, chat(
+        {"role": "system", "content": "Be brief."}, {"role": "user", "contnet": "1+2?"})))
+
+
+@case("dataset", "a chat message keyed `from`/`value` (ShareGPT) instead of `role`/`content`",
+      "ValueError: “Row 0 …, message 0 has no 'role' (keys: ['from', 'value']) … A prompt is … {'role': 'user', …}”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has no 'role' (keys: ['from', 'value'])", lambda: opd(
+        model_dirs, tmp_path, chat({"from": "human", "value": "1+2?"})))
+
+
+@case("dataset", "a misspelled role (SimCTTrainer)", "ValueError: “… has the role 'User' … Did you mean 'user'? …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has the role 'User'", lambda: SimCTTrainer(
+        model_dirs["student"], model_dirs["other_vocab"], args=config(tmp_path, SimCTConfig),
+        train_dataset=chat({"role": "User", "content": "1+2?"})))
+
+
+@case("dataset", "a misspelled role (RLADTrainer)", "ValueError: “… has the role 'human' …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has the role 'human'", lambda: rlad(model_dirs, tmp_path, data=chat(
+        {"role": "human", "content": "1+2?"})))
+
+
+@case("dataset", "fewer rows than one batch (2 prompts, `per_device_train_batch_size=4`)",
+      "ValueError: “`train_dataset` has 2 rows, fewer than one batch of 4 prompts … training would run 0 steps …” "
+      "(trained 0 steps and exited 0 before)")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has 2 rows, fewer than one batch of 4 prompts", lambda: opd(model_dirs, tmp_path, prompt_dataset(2)))
+
+
+@case("dataset", "fewer rows than one batch with gradient accumulation (8 prompts, batch 4 × 4 accumulation steps)",
+      "ValueError: “`train_dataset` has 8 rows, fewer than one batch of 16 prompts …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has 8 rows, fewer than one batch of 16", lambda: opd(
+        model_dirs, tmp_path, prompt_dataset(8), gradient_accumulation_steps=4))
+
+
+@case("dataset", "fewer unique prompts than one generation batch (RLADTrainer: 2 prompts, batch 8, 2 generations)",
+      "ValueError: “`train_dataset` has 2 rows, fewer than one batch of 4 prompts (generation_batch_size / "
+      "num_generations …)”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "has 2 rows, fewer than one batch of 4 prompts", lambda: rlad(
+        model_dirs, tmp_path, data=prompt_dataset(2), num_generations=2, per_device_train_batch_size=8))
+
+
+@case("dataset", "an iterable (streamed) dataset without a `prompt` column",
+      "ValueError: “`train_dataset` has no 'prompt' column (columns (read from its first row): ['question']) …” "
+      "(a bare KeyError at the first batch before)")
+def _(tmp_path, model_dirs):
+    data = iterable([{"question": f"Compute {i}+1."} for i in range(8)])
+    raises(ValueError, "(columns (read from its first row): ['question'])", lambda: opd(model_dirs, tmp_path, data))
+
+
+@case("dataset", "an iterable dataset whose first prompt is empty",
+      "ValueError: “Row 0 of `train_dataset` has an empty prompt …”")
+def _(tmp_path, model_dirs):
+    data = iterable([{"prompt": " "}] + [{"prompt": f"Compute {i}+1."} for i in range(8)])
+    raises(ValueError, "Row 0 of `train_dataset` has an empty prompt", lambda: opd(model_dirs, tmp_path, data))
+
+
+@case("dataset", "RLADTrainer dataset without `prompt`", "ValueError: “`train_dataset` has no 'prompt' column … "
+      "RLADTrainer generates from a 'prompt' column …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "RLADTrainer generates from a 'prompt' column", lambda: rlad(
+        model_dirs, tmp_path, data=Dataset.from_dict({"problem": [f"{i}+1?" for i in range(8)]})))
+
+
+@case("dataset", "an empty training dataset (RLADTrainer)", "ValueError: “`train_dataset` is empty.”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "`train_dataset` is empty", lambda: rlad(model_dirs, tmp_path, data=Dataset.from_dict({"prompt": []})))
+
+
+@case("model/tokenizer", "conversational prompts and a tokenizer without a chat template (a base model's)",
+      "ValueError: “The training prompts are conversations, but the student's tokenizer … has no chat template …” "
+      "(failed after both models loaded before)")
+def _(tmp_path, model_dirs):
+    tokenizer = copy.deepcopy(model_dirs["tokenizer"])
+    tokenizer.chat_template = None
+    raises(ValueError, "has no chat template", lambda: OPDTrainer(
+        model_dirs["student"], model_dirs["teacher"], args=config(tmp_path), processing_class=tokenizer,
+        train_dataset=chat({"role": "user", "content": "1+2?"})))
+
+
+@case("model/tokenizer", "a model directory without config.json (a run's output folder, not its checkpoint)",
+      "ValueError: “'…/run' is a directory but not a model directory: it has no config.json. It holds training "
+      "checkpoints: pass one of them, e.g. '…/run/checkpoint-20'.”")
+def _(tmp_path, model_dirs):
+    run = tmp_path / "run"
+    for step in (5, 20, 10):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+    raises(ValueError, f"pass one of them, e.g. '{run / 'checkpoint-20'}'", lambda: OPDTrainer(
+        str(run), model_dirs["teacher"], args=config(tmp_path / "out"), train_dataset=prompt_dataset()))
+
+
+@case("model/tokenizer", "a teacher directory without config.json (RLADTrainer)",
+      "ValueError: “… is a directory but not a model directory: it has no config.json …”")
+def _(tmp_path, model_dirs):
+    (tmp_path / "empty").mkdir()
+    raises(ValueError, "not a model directory", lambda: rlad(model_dirs, tmp_path, teacher=str(tmp_path / "empty")))
+
+
+@case("model/tokenizer", "a teacher with fewer parameters than the student (swapped arguments?)",
+      "a warning, once, before any weights load: “The teacher has about N parameters, fewer than the student's M: "
+      "are the `model` and `teacher_model` arguments swapped? …”")
+def _(tmp_path, model_dirs):
+    from trl_opd.trainers import teacher as teacher_module
+
+    warnings = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(teacher_module.logger, "warning_once", warnings.append)
+        # the arguments swapped: the fixture's teacher (hidden 48) as the student; construction warns, then loads
+        raises(AssertionError, "a model was loaded", lambda: OPDTrainer(
+            model_dirs["teacher"], model_dirs["student"], args=config(tmp_path), train_dataset=prompt_dataset()))
+    assert len(warnings) == 1 and "arguments swapped?" in warnings[0], warnings
+
+
+@case("output directory", "`output_dir` is an existing file", "ValueError before any load: “`output_dir`='…' is a "
+      "file, not a directory; choose another output_dir.”")
+def _(tmp_path, model_dirs):
+    (tmp_path / "out.txt").write_text("")
+    raises(ValueError, "is a file, not a directory", lambda: OPDTrainer(
+        model_dirs["student"], model_dirs["teacher"], args=config(tmp_path / "out.txt"), train_dataset=prompt_dataset()))
+
+
+@case("output directory", "`output_dir` below a file (RLADTrainer)", "ValueError before any load: “`output_dir`=… "
+      "cannot be created: '…' is a file, not a directory …”")
+def _(tmp_path, model_dirs):
+    (tmp_path / "notes").write_text("")
+    raises(ValueError, "cannot be created", lambda: RLADTrainer(
+        model_dirs["student"], char_variety_reward, args=config(tmp_path / "notes" / "run", RLADConfig, num_generations=4),
+        train_dataset=prompt_dataset(), teacher_model=model_dirs["teacher"]))
+
+
+def scalar_reward(prompts, completions, **kwargs):
+    return 1.0
+
+
+def one_reward_for_the_batch(prompts, completions, **kwargs):
+    return [1.0]
+
+
+def text_reward(prompts, completions, **kwargs):
+    return ["correct" for _ in completions]
+
+
+def fragile_reward(prompts, completions, solution=None, **kwargs):
+    return [float(completion[0] == "1") for completion in completions]  # IndexError on an empty completion
+
+
+@case("reward function", "returns one float instead of a list",
+      "ValueError before any load: “Reward function scalar_reward returned '1.0' (float) for 2 completions on a dry "
+      "call. Return a list with one float (or None) per completion …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "Reward function scalar_reward returned '1.0' (float)", lambda: rlad(model_dirs, tmp_path, scalar_reward))
+
+
+@case("reward function", "returns a list of the wrong length",
+      "ValueError before any load: “Reward function one_reward_for_the_batch returned 1 values for 2 completions …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "returned 1 values for 2 completions", lambda: rlad(model_dirs, tmp_path, one_reward_for_the_batch))
+
+
+@case("reward function", "returns strings", "ValueError before any load: “Reward function text_reward returned "
+      "'correct' (str) among its rewards …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "returned 'correct' (str) among its rewards", lambda: rlad(model_dirs, tmp_path, [text_reward]))
+
+
+@case("reward function", "raises on the dry call's empty completions (legal: real completions are not empty)",
+      "handled: not refused; its return is checked at the first step as before")
+def _(tmp_path, model_dirs):
+    raises(AssertionError, "a model was loaded", lambda: rlad(model_dirs, tmp_path, [fragile_reward, char_variety_reward]))
+
+
+@case("YAML recipe", "`learning_rate: 1e-6` (YAML 1.1 reads it as the string '1e-6')",
+      "handled: the recipe parser converts it to the float 1e-06")
+def _(tmp_path, model_dirs):
+    parsed = parse_yaml(tmp_path, "learning_rate: 1e-6\n")
+    assert any(isinstance(item, OPDConfig) and item.learning_rate == 1e-6 for item in parsed)
+
+
+@case("evaluator CLI", "an unknown benchmark (`trl-opd eval --benchmarks aime2024`)",
+      "exit 2 before any load: “--benchmarks aime2024: unknown benchmark. Did you mean 'aime24'? …”")
+def _(tmp_path, model_dirs):
+    assert "Did you mean 'aime24'?" in trl_opd_error("eval", "--model", model_dirs["student"], "--benchmarks", "aime2024")
+
+
+@case("evaluator CLI", "a missing benchmark file (`--benchmarks my_set.jsonl`)",
+      "exit 2 before any load: “--benchmarks …/my_set.jsonl: no such file.”")
+def _(tmp_path, model_dirs):
+    assert "no such file" in trl_opd_error("eval", "--model", model_dirs["student"], "--benchmarks",
+                                           str(tmp_path / "my_set.jsonl"))
+
+
+@case("evaluator CLI", "a model folder that does not exist (`--model ./outputs/opd/checkpoint-50`)",
+      "exit 2 before any load: “--model …: no such directory …”")
+def _(tmp_path, model_dirs):
+    assert "no such directory" in trl_opd_error("eval", "--model", str(tmp_path / "checkpoint-50"))
+
+
+@case("evaluator CLI", "a run folder instead of its checkpoint (`--model outputs/opd`)",
+      "exit 2 before any load: “--model …: a directory without config.json, not a model folder. Pass a checkpoint, "
+      "e.g. --model …/checkpoint-8.”")
+def _(tmp_path, model_dirs):
+    (tmp_path / "checkpoint-8").mkdir()
+    assert "Pass a checkpoint, e.g. --model" in trl_opd_error("eval", "--model", str(tmp_path))
+
+
+@case("evaluator CLI", "`--n 0`", "exit 2 before any load: “--n 0: must be >= 1.”")
+def _(tmp_path, model_dirs):
+    assert "--n 0: must be >= 1" in trl_opd_error("eval", "--model", model_dirs["student"], "--n", "0")
+
+
+@case("evaluator CLI", "`--top-p 1.5`", "exit 2 before any load: “--top-p 1.5: must be in (0, 1].”")
+def _(tmp_path, model_dirs):
+    assert "--top-p 1.5: must be in (0, 1]" in trl_opd_error("eval", "--model", model_dirs["student"], "--top-p", "1.5")
+
+
 # ---------------------------------------------------------------------------------------------- the tests
 
 
@@ -496,7 +756,7 @@ def test_bad_input(entry, tmp_path, model_dirs, request):
 
 
 def test_catalogue_is_large_and_distinct():
-    assert len(CATALOGUE) >= 30
+    assert len(CATALOGUE) >= 90
     assert len({entry.id for entry in CATALOGUE}) == len(CATALOGUE)
 
 
