@@ -551,25 +551,25 @@ def _(tmp_path, model_dirs):
 
 
 @case("dataset", "fewer rows than one batch (2 prompts, `per_device_train_batch_size=4`)",
-      "ValueError: “`train_dataset` has 2 rows, fewer than one batch of 4 prompts … training would run 0 steps …” "
-      "(trained 0 steps and exited 0 before)")
+      "ValueError at `train()`, before the first step: “`train_dataset` has 2 rows, fewer than one batch of 4 prompts "
+      "… training would run 0 steps …” (trained 0 steps and exited 0 before)", loads_models=True)
 def _(tmp_path, model_dirs):
-    raises(ValueError, "has 2 rows, fewer than one batch of 4 prompts", lambda: opd(model_dirs, tmp_path, prompt_dataset(2)))
+    raises(ValueError, "has 2 rows, fewer than one batch of 4 prompts", opd(model_dirs, tmp_path, prompt_dataset(2)).train)
 
 
 @case("dataset", "fewer rows than one batch with gradient accumulation (8 prompts, batch 4 × 4 accumulation steps)",
-      "ValueError: “`train_dataset` has 8 rows, fewer than one batch of 16 prompts …”")
+      "ValueError at `train()`: “`train_dataset` has 8 rows, fewer than one batch of 16 prompts …”", loads_models=True)
 def _(tmp_path, model_dirs):
-    raises(ValueError, "has 8 rows, fewer than one batch of 16", lambda: opd(
-        model_dirs, tmp_path, prompt_dataset(8), gradient_accumulation_steps=4))
+    raises(ValueError, "has 8 rows, fewer than one batch of 16", opd(
+        model_dirs, tmp_path, prompt_dataset(8), gradient_accumulation_steps=4).train)
 
 
 @case("dataset", "fewer unique prompts than one generation batch (RLADTrainer: 2 prompts, batch 8, 2 generations)",
-      "ValueError: “`train_dataset` has 2 rows, fewer than one batch of 4 prompts (generation_batch_size / "
-      "num_generations …)”")
+      "ValueError at `train()`: “`train_dataset` has 2 rows, fewer than one batch of 4 prompts (generation_batch_size / "
+      "num_generations …)”", loads_models=True)
 def _(tmp_path, model_dirs):
-    raises(ValueError, "has 2 rows, fewer than one batch of 4 prompts", lambda: rlad(
-        model_dirs, tmp_path, data=prompt_dataset(2), num_generations=2, per_device_train_batch_size=8))
+    raises(ValueError, "has 2 rows, fewer than one batch of 4 prompts", rlad(
+        model_dirs, tmp_path, data=prompt_dataset(2), num_generations=2, per_device_train_batch_size=8).train)
 
 
 @case("dataset", "an iterable (streamed) dataset without a `prompt` column",

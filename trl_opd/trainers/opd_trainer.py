@@ -129,9 +129,6 @@ class _OPDTrainerCore(DistillationTrainer):
             model, teacher_model, student_tokenizer, args
         )
         self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
-        check_dataset_size(train_dataset, args.per_device_train_batch_size * args.world_size
-                           * args.gradient_accumulation_steps, "per_device_train_batch_size x processes x "
-                           "gradient_accumulation_steps")
         check_output_dir(args)
         if not self._self_teacher:
             warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
@@ -163,7 +160,11 @@ class _OPDTrainerCore(DistillationTrainer):
         self._suppress_padded_ids()
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run."""
+        """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run. A
+        training set smaller than one batch fails here (a trainer built only to evaluate or inspect may have one)."""
+        check_dataset_size(self.train_dataset, self.args.per_device_train_batch_size * self.args.world_size
+                           * self.args.gradient_accumulation_steps, "per_device_train_batch_size x processes x "
+                           "gradient_accumulation_steps")
         resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 

@@ -96,8 +96,6 @@ class RLADTrainer(GRPOTrainer):
         check_prompt_columns(train_dataset, eval_dataset, "RLADTrainer")
         check_prompts(train_dataset, [(model, None), (teacher_model, args.teacher_model_revision)], student_tokenizer,
                       args, args.chat_template_kwargs or {})
-        check_dataset_size(train_dataset, args.generation_batch_size // args.num_generations,
-                           "generation_batch_size / num_generations unique prompts")
         check_output_dir(args)
         check_reward_functions(reward_funcs, train_dataset)
         warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
@@ -142,7 +140,10 @@ class RLADTrainer(GRPOTrainer):
         check_teacher_init_kwargs(teacher_model, args)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run."""
+        """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run. A
+        training set with fewer prompts than one generation batch fails here."""
+        check_dataset_size(self.train_dataset, self.args.generation_batch_size // self.args.num_generations,
+                           "generation_batch_size / num_generations unique prompts")
         resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
