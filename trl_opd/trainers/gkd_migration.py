@@ -74,6 +74,15 @@ def messages_to_prompt_completion(dataset, name: str = "train_dataset"):
     return dataset.map(_split, with_indices=True, fn_kwargs={"name": name}, remove_columns=[MESSAGES])
 
 
+def conversations_to_prompts(train_dataset, eval_dataset):
+    """`messages_to_prompt_completion` on the training set and on every evaluation set (one, or a dict of them)."""
+    train_dataset = messages_to_prompt_completion(train_dataset, "train_dataset")
+    if isinstance(eval_dataset, dict):
+        return train_dataset, {key: messages_to_prompt_completion(data, f"eval_dataset[{key!r}]")
+                               for key, data in eval_dataset.items()}
+    return train_dataset, messages_to_prompt_completion(eval_dataset, "eval_dataset")
+
+
 def gkd_arguments(
     *,
     temperature: float = 0.9,

@@ -24,7 +24,6 @@ import copy
 import numpy as np
 import torch
 from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel
 from transformers.utils import logging as hf_logging
 from trl import DistillationTrainer
 from trl.trainer.utils import pad
@@ -41,14 +40,14 @@ from .dataset_checks import (
     check_teacher_argument,
     check_teacher_context,
 )
-from .gkd_migration import messages_to_prompt_completion
+from .gkd_migration import conversations_to_prompts
 from .lm_head import output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rows import ALIGNED_STREAM, GUIDED_STREAM, seeded_rows
-from .self_distillation import SELF_TEACHER, teacher_prompt
+from .self_distillation import teacher_prompt
 from .teacher import (
     check_teacher_init_kwargs,
     load_teacher,
@@ -109,29 +108,9 @@ class _OPDTrainerCore(DistillationTrainer):
         if not isinstance(args, OPDConfig):
             raise TypeError(f"{type(self).__name__} needs an OPDConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        # Every check that needs no weights runs first, so bad input fails before anything is loaded.
-        check_teacher_argument(teacher_model)
-        check_teacher_init_kwargs(teacher_model, args)
-        self._self_teacher = args.uses_self_teacher(teacher_model)
-        self._privileged = args.uses_teacher_context(teacher_model)
         # GKD's `messages` datasets: split each conversation into prompt/completion (checked, before any load).
-        train_dataset = messages_to_prompt_completion(train_dataset, "train_dataset")
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {key: messages_to_prompt_completion(data, f"eval_dataset[{key!r}]")
-                            for key, data in eval_dataset.items()}
-        else:
-            eval_dataset = messages_to_prompt_completion(eval_dataset, "eval_dataset")
-        check_datasets(train_dataset, eval_dataset, args)
-        check_teacher_context(train_dataset, args, self._privileged)
-        # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
-        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
-        self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
-            model, teacher_model, student_tokenizer, args
-        )
-        self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
-        check_output_dir(args)
-        if not self._self_teacher:
-            warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
+        train_dataset, eval_dataset = conversations_to_prompts(train_dataset, eval_dataset)
+        self._check_before_loading(model, teacher_model, train_dataset, eval_dataset, processing_class, args)
         self._anchor = AnchorDiscriminator.load(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(
@@ -158,6 +137,25 @@ class _OPDTrainerCore(DistillationTrainer):
         self._check_diagnostics_top_k(args)
         self._check_head_devices()
         self._suppress_padded_ids()
+
+    def _check_before_loading(self, model, teacher_model, train_dataset, eval_dataset, processing_class, args) -> None:
+        """Every check that needs no weights, so bad input fails before anything is loaded; sets what they decide
+        (`_self_teacher`, `_privileged`, `_loss_vocab_size`)."""
+        check_teacher_argument(teacher_model)
+        check_teacher_init_kwargs(teacher_model, args)
+        self._self_teacher = args.uses_self_teacher(teacher_model)
+        self._privileged = args.uses_teacher_context(teacher_model)
+        check_datasets(train_dataset, eval_dataset, args)
+        check_teacher_context(train_dataset, args, self._privileged)
+        # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
+        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
+        self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
+            model, teacher_model, student_tokenizer, args
+        )
+        self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
+        check_output_dir(args)
+        if not self._self_teacher:
+            warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """`trainer.train`; `resume_from_checkpoint=True` skips a checkpoint left half-written by a killed run. A
