@@ -47,7 +47,7 @@ LOGGED = (
     "rewards/math_accuracy_reward/mean",
     "rewards/anchor_reward/mean",
     "rlad/teacher_log_ratio",
-    "rlad/teacher_clamp_ratio",
+    "rlad/teacher_clamp_share",
     "clip_ratio/region_mean",
     "entropy",
     "completions/mean_length",
@@ -276,7 +276,7 @@ def summarise(record: dict) -> str:
             )
 
         lines.append(
-            f"| {method} | {first_last('rlad/teacher_log_ratio')} | {first_last('rlad/teacher_clamp_ratio')}"
+            f"| {method} | {first_last('rlad/teacher_log_ratio')} | {first_last('rlad/teacher_clamp_share')}"
             f" | {first_last('clip_ratio/region_mean')} | {first_last('rewards/math_accuracy_reward/mean')} |"
         )
     if record.get("discriminator"):

@@ -38,7 +38,7 @@ def run(output_dir: str, per_device_train_batch_size: int) -> dict:
     return {
         "num_processes": trainer.accelerator.num_processes,
         "losses": [entry["loss"] for entry in history if "loss" in entry],
-        "selected_ratio": [entry["opd/selected_ratio"] for entry in history if "opd/selected_ratio" in entry],
+        "selected_ratio": [entry["opd/selected_share"] for entry in history if "opd/selected_share" in entry],
         "weights": {name: p.detach().cpu().tolist() for name, p in trainer.accelerator.unwrap_model(
             trainer.model).named_parameters()},
         "trainer": trainer,

@@ -43,7 +43,7 @@ def main(output_path: str) -> None:
     if trainer.accelerator.is_main_process:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         result = {"num_processes": trainer.accelerator.num_processes, "records": records, "losses": losses,
-                  "selected_ratio": [e["opd/selected_ratio"] for e in trainer.state.log_history if "opd/selected_ratio" in e]}
+                  "selected_ratio": [e["opd/selected_share"] for e in trainer.state.log_history if "opd/selected_share" in e]}
         Path(output_path).write_text(json.dumps(result))
 
 

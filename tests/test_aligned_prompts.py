@@ -76,7 +76,7 @@ def test_trainer_formats_the_drawn_training_rows_for_student_and_teacher(student
     assert 0 < sum(chosen) < 8
     for row, prompt, is_aligned in zip(rows, decoded_prompts(trainer, batch), chosen):
         assert prompt == (row["prompt"] + SUFFIX if is_aligned else row["prompt"])
-    assert trainer._metrics["train"]["rollout/aligned_fraction"] == [sum(chosen) / 8]
+    assert trainer._metrics["train"]["rollout/aligned_share"] == [sum(chosen) / 8]
     assert rows[0]["prompt"] == trainer.train_dataset[0]["prompt"]  # dataset rows untouched
     assert "teacher_prompt_ids" not in batch  # the teacher scores after the same (formatted) prompt ids
 

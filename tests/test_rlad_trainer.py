@@ -155,7 +155,7 @@ def test_batch_carries_teacher_logprobs_and_the_trrd_anchor(student, teacher, to
 
     first = trainer.state.log_history[0]
     assert first["rlad/teacher_log_ratio"] == pytest.approx((old - teacher_logps)[mask].mean().item(), abs=1e-5)
-    assert first["rlad/teacher_clamp_ratio"] == pytest.approx(clamped.float().mean().item())
+    assert first["rlad/teacher_clamp_share"] == pytest.approx(clamped.float().mean().item())
     assert first["clip_ratio/region_mean"] > 0  # GRPO's clip fractions now count TRRD ratios
 
 

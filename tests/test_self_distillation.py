@@ -192,7 +192,7 @@ def test_guided_rows_generate_from_the_privileged_prompt_but_train_on_the_plain_
     teacher_ids = [row[m.bool()].tolist() for row, m in zip(batch["teacher_prompt_ids"], batch["teacher_prompt_mask"])]
     student_ids = [row[m.bool()].tolist() for row, m in zip(batch["prompt_ids"], batch["prompt_mask"])]
     assert seen[0] == [t if g else s for t, s, g in zip(teacher_ids, student_ids, expected)]
-    assert trainer._metrics["train"]["rollout/guided_fraction"][-1] == pytest.approx(sum(expected) / 8)
+    assert trainer._metrics["train"]["rollout/guided_share"][-1] == pytest.approx(sum(expected) / 8)
 
 
 def test_edge_opd_trains_with_guided_rollouts_and_the_evidence_mask(student, tokenizer, tmp_path):
@@ -202,8 +202,8 @@ def test_edge_opd_trains_with_guided_rollouts_and_the_evidence_mask(student, tok
     trainer.train()
     log = trainer.state.log_history[0]
     assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
-    assert 0.4 <= log["evidence/kept_ratio"] <= 0.7
-    assert "rollout/guided_fraction" in log and "evidence/kept_ratio_guided" in log
+    assert 0.4 <= log["evidence/kept_share"] <= 0.7
+    assert "rollout/guided_share" in log and "evidence/kept_share_guided" in log
 
 
 # ---------------------------------------------------------------- errors before any model is loaded

@@ -65,9 +65,9 @@ def test_training_moves_the_student(student, teacher, tokenizer, teacher_tokeniz
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == steps
     assert all(math.isfinite(entry["loss"]) and entry["loss"] > 0 for entry in logged)
-    assert all(0 < entry["simct/align_ratio"] <= 1 for entry in logged)
+    assert all(0 < entry["simct/aligned_share"] <= 1 for entry in logged)
     if loss == "uld":  # ULD compares every finest segment: every student token is covered
-        assert all(entry["simct/align_ratio"] == 1 for entry in logged)
+        assert all(entry["simct/aligned_share"] == 1 for entry in logged)
     moved = max((a - b).abs().max().item() for a, b in zip(trainer.model.parameters(), student.parameters()))
     assert moved > 1e-4
     unchanged = max((a - b).abs().max().item() for a, b in zip(trainer.teacher_model.parameters(), teacher.parameters()))
@@ -340,7 +340,7 @@ def test_weighted_training_runs_and_logs_the_selection(student, teacher, tokeniz
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(math.isfinite(entry["loss"]) for entry in logged)
-    assert all(0 < entry["simct/selected_ratio"] < 1 for entry in logged)
+    assert all(0 < entry["simct/selected_share"] < 1 for entry in logged)
     assert all(0.25 <= entry["simct/segment_weight"] < 1 for entry in logged)
 
 

@@ -185,7 +185,7 @@ def test_tip_run_logs_ratio_and_quadrant_shares(student, teacher, tokenizer, tmp
                            loss_reduction="weighted_mean", max_steps=2)
     trainer.train()
     log = trainer.state.log_history[0]
-    assert 0.35 <= log["opd/selected_ratio"] <= 0.6  # ⌊L/2⌋ of each ragged row (at least one)
+    assert 0.35 <= log["opd/selected_share"] <= 0.6  # ⌊L/2⌋ of each ragged row (at least one)
     shares = [log[f"tip/q{k}_share"] for k in range(1, 5)]
     assert sum(shares) == pytest.approx(1.0, abs=1e-6)
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)

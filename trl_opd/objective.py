@@ -24,7 +24,8 @@ states and head (`hidden`, `head`) for the full-distribution passes (analytic lo
 in by providing the same, or only `token_logprobs` for the sampled-token methods.
 
 `stats` maps metric names to (sum, count) pairs over this micro-batch; the trainer gathers them over processes.
-Names: `opd/…` (the loss), `tip/…`, `evidence/…`, `oprd/…`, `aapa/…`, `diagnostics/…`.
+Names: `opd/…` (the loss), `tip/…`, `evidence/…`, `oprd/…`, `aapa/…`, `diagnostics/…`; a share (a fraction of
+tokens, rows or segments) always ends in `_share` (`opd/selected_share`, `tip/q1_share`, `evidence/kept_share`).
 """
 
 from __future__ import annotations
@@ -258,12 +259,12 @@ class EvidenceMask:
     def _stash(stats: Stats, evidence, kept, valid, is_guided) -> None:
         """Mean evidence and kept share, overall and (with guided rollouts) for guided and plain rows apart."""
         stash(stats, "evidence/mean", evidence[valid].sum(), valid.sum())
-        stash(stats, "evidence/kept_ratio", kept.sum(), valid.sum())
+        stash(stats, "evidence/kept_share", kept.sum(), valid.sum())
         if is_guided is None:
             return
         for name, rows in (("guided", is_guided.bool()), ("unguided", ~is_guided.bool())):
             rows_valid = valid & rows.to(valid.device).unsqueeze(1)
-            stash(stats, f"evidence/kept_ratio_{name}", (kept & rows_valid).sum(), rows_valid.sum())
+            stash(stats, f"evidence/kept_share_{name}", (kept & rows_valid).sum(), rows_valid.sum())
 
 
 @dataclass(frozen=True)
@@ -543,7 +544,7 @@ class OPDObjective:
             stash(context.stats, "opd/kl_k1", per_token.sum(), rows.sum())
         if weights is not None:
             stash(context.stats, "opd/token_weight", weights[valid].float().sum(), valid.sum())
-            stash(context.stats, "opd/selected_ratio", rows.sum(), valid.sum())
+            stash(context.stats, "opd/selected_share", rows.sum(), valid.sum())
         return ObjectiveOutput(loss, entropy.sum().detach(), rows.sum())
 
     def _analytic(self, batch: CompletionBatch, rows, coefficients, context: _CallContext):

@@ -149,16 +149,16 @@ class SegmentObjective:
 
     @staticmethod
     def _stash(stats: Stats, batch: SegmentBatch, loss_sum: torch.Tensor, weights) -> None:
-        """`simct/align_ratio`: share of student tokens inside a compared segment; `simct/segment_loss`: mean loss
-        per segment; `simct/shared_vocab_size`: |V∩|; with token weighting, `simct/selected_ratio` (segments with a
+        """`simct/aligned_share`: share of student tokens inside a compared segment; `simct/segment_loss`: mean loss
+        per segment; `simct/shared_vocab_size`: |V∩|; with token weighting, `simct/selected_share` (segments with a
         non-zero weight) and `simct/segment_weight` (mean weight per segment)."""
         device = batch.student_mask.device
         segments = batch.segments
         num_segments = torch.tensor(float(len(segments)), device=device)
         covered = (segments[:, 2] - segments[:, 1]).sum().float().to(device)
-        stash(stats, "simct/align_ratio", covered, batch.student_mask.sum())
+        stash(stats, "simct/aligned_share", covered, batch.student_mask.sum())
         stash(stats, "simct/segment_loss", loss_sum.float().to(device), num_segments)
         stash(stats, "simct/shared_vocab_size", float(len(batch.shared_ids[0])), 1.0)
         if weights is not None:
-            stash(stats, "simct/selected_ratio", (weights != 0).sum().float().to(device), num_segments)
+            stash(stats, "simct/selected_share", (weights != 0).sum().float().to(device), num_segments)
             stash(stats, "simct/segment_weight", weights.sum().float().to(device), num_segments)

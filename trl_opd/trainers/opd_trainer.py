@@ -304,7 +304,7 @@ class _OPDTrainerCore(DistillationTrainer):
         if self.args.guided_fraction > 0:
             output["is_guided"] = torch.tensor(guided, device=self.accelerator.device)
             share = self.accelerator.gather(output["is_guided"].float()).mean().item()
-            self._metrics[mode]["rollout/guided_fraction"].append(share)
+            self._metrics[mode]["rollout/guided_share"].append(share)
         loss_mask = self._loss_mask(output)
         output["num_sequences_in_batch"] = self.accelerator.gather((loss_mask.sum(dim=1) > 0).sum()).sum()
         self._metrics[mode]["rollout/on_policy"].append(float(self._rollout_source == "student"))
@@ -345,7 +345,7 @@ class _OPDTrainerCore(DistillationTrainer):
         rows = [{**row, "prompt": aligned_prompt(row["prompt"], template)} if aligned else row
                 for row, aligned in zip(inputs, chosen)]
         share = self.accelerator.gather(torch.tensor(chosen, dtype=torch.float32, device=self.accelerator.device))
-        self._metrics["train"]["rollout/aligned_fraction"].append(share.mean().item())
+        self._metrics["train"]["rollout/aligned_share"].append(share.mean().item())
         return rows
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):

@@ -59,7 +59,7 @@ class RLADConfig(GRPOConfig):
             is α ∇ log π_θ. The literal form scales ∇ log π_θ by α on those tokens inside GRPO's loss, so it needs a
             loss that reads log π_θ only through the ratio: not `loss_type` "cispo" or "vespo", and `beta=0`.
         rlad_log_teacher_stats (`bool` or `None`, defaults to `None`):
-            Log `rlad/teacher_log_ratio` and `rlad/teacher_clamp_ratio`. `None`: when α < 1, where the teacher is
+            Log `rlad/teacher_log_ratio` and `rlad/teacher_clamp_share`. `None`: when α < 1, where the teacher is
             scored anyway. At α = 1 the teacher plays no part in training; `None` or `False` then skips scoring it (and
             the behaviour policy), so plain-GRPO runs cost what `trl.GRPOTrainer` costs, and `True` scores it for the
             logs only (a GRPO baseline that reports its distance to the teacher).

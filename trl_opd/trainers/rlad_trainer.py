@@ -59,7 +59,7 @@ class RLADTrainer(GRPOTrainer):
     Logged (besides GRPO's metrics, whose `clip_ratio/*` are now the TRRD clip fractions):
         `rlad/teacher_log_ratio`: mean over completion tokens of log π_old − log π_T, the sampled-token (k1) estimate
             of KL(student ‖ teacher) on the student's own samples.
-        `rlad/teacher_clamp_ratio`: share of completion tokens where |log π_old − log π_T| exceeds the clamp c.
+        `rlad/teacher_clamp_share`: share of completion tokens where |log π_old − log π_T| exceeds the clamp c.
     """
 
     _tag_names = ["trl", "trl_opd", "rlad"]
@@ -249,7 +249,7 @@ class RLADTrainer(GRPOTrainer):
         log_ratio_sum, clamped_count, token_count = self.accelerator.reduce(local, reduction="sum").tolist()
         token_count = max(token_count, 1.0)
         self._metrics[mode]["rlad/teacher_log_ratio"].append(log_ratio_sum / token_count)
-        self._metrics[mode]["rlad/teacher_clamp_ratio"].append(clamped_count / token_count)
+        self._metrics[mode]["rlad/teacher_clamp_share"].append(clamped_count / token_count)
 
 
 __all__ = ["RLADTrainer"]
