@@ -123,7 +123,7 @@ def step_coefficients(
         return unit_coefficients(*arguments, num_sequences=num_sequences, dtype=dtype)
     num_items = None
     if reduction == "weighted_mean" and training and normalisers.mean_over_processes is not None:
-        tokens = unit_tokens.to(dtype) * (unit_tokens > 0)
+        tokens = unit_tokens.to(dtype)  # non-negative: padding units count 0
         local = tokens.sum() if weights is None else (tokens * weights.detach().to(dtype)).sum()
         num_items = normalisers.mean_over_processes(local)
     coefficients = unit_coefficients(*arguments, num_items=num_items, dtype=dtype)

@@ -29,6 +29,7 @@ from trl import DistillationTrainer
 from trl.trainer.utils import pad
 
 from ..anchor import AnchorDiscriminator, leave_one_out_advantages
+from ..losses import OutputHead
 from ..objective import CompletionBatch, LocalTeacher, OPDObjective
 from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
@@ -135,7 +136,7 @@ class _OPDTrainerCore(DistillationTrainer):
         self.objective = self._build_objective()
         self._set_chat_template_kwargs(args)
         self._check_diagnostics_top_k(args)
-        self._check_head_devices()
+        self._output_heads(self.accelerator.unwrap_model(self.model))  # both heads on one device
         self._suppress_padded_ids()
 
     def _check_before_loading(self, model, teacher_model, train_dataset, eval_dataset, processing_class, args) -> None:
@@ -219,16 +220,18 @@ class _OPDTrainerCore(DistillationTrainer):
         check_prompts(train_dataset, models, student_tokenizer, args,
                       {**(args.chat_template_kwargs or {}), **(args.student_chat_template_kwargs or {})})
 
-    def _check_head_devices(self) -> None:
-        """The loss reads both LM heads chunk by chunk on one device: fail now rather than at the first step."""
-        student_head = output_head(self.accelerator.unwrap_model(self.model))
-        teacher_head = output_head(self._unwrapped_teacher())
+    def _output_heads(self, unwrapped_student) -> tuple[OutputHead, OutputHead]:
+        """Both LM heads, sliced to the compared vocabulary. The loss reads them chunk by chunk on one device, which
+        `__init__` checks once (so a misplaced head fails before training, not at the first step)."""
+        student_head = output_head(unwrapped_student, self._loss_vocab_size)
+        teacher_head = output_head(self._unwrapped_teacher(), self._loss_vocab_size)
         if student_head.weight.device != teacher_head.weight.device:
             raise ValueError(
                 f"The student's lm_head is on {student_head.weight.device} and the teacher's on "
                 f"{teacher_head.weight.device}; place both heads on the same device (see their `device_map`, e.g. "
                 "`teacher_model_init_kwargs={'device_map': ...}`)."
             )
+        return student_head, teacher_head
 
     def _suppress_padded_ids(self) -> None:
         """With heads padded differently around one tokenizer the loss covers the tokenizer's ids only, so the student
@@ -552,14 +555,8 @@ class _OPDTrainerCore(DistillationTrainer):
         if not self.objective.uses_heads:
             valid = self._loss_mask(inputs).bool()
             return CompletionBatch(valid, inputs["completion_ids"], student_hidden, None, None)
-        student_head = output_head(unwrapped_student, self._loss_vocab_size)
-        teacher_head = output_head(self._unwrapped_teacher(), self._loss_vocab_size)
+        student_head, teacher_head = self._output_heads(unwrapped_student)
         device = student_head.weight.device
-        if teacher_head.weight.device != device:
-            raise ValueError(
-                f"The student's lm_head is on {device} and the teacher's on {teacher_head.weight.device}; place both "
-                "heads on the same device (see their `device_map`)."
-            )
         valid = self._loss_mask(inputs).to(device).bool()
         student_hidden, teacher_hidden = student_hidden.to(device), teacher_hidden.to(device)
         self._check_finite_hidden_states(student_hidden, teacher_hidden, valid)

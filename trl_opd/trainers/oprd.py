@@ -317,7 +317,6 @@ class _RepresentationPlan:
     teacher_layers: list[int]
     last_k: int | None
     position_convention: str
-    normalize: bool
     student_width: int
     teacher_width: int
 
@@ -365,7 +364,6 @@ class RepresentationDistillationMixin:
             teacher_layers=teacher_layers,
             last_k=args.representation_last_k if args.representation_positions == "last_k" else None,
             position_convention=args.representation_position_convention,
-            normalize=args.effective_representation_normalize,
             student_width=self.model.config.get_text_config().hidden_size,
             teacher_width=self._unwrapped_teacher().config.get_text_config().hidden_size,
         )
