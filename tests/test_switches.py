@@ -149,10 +149,19 @@ IMPLEMENTATION_FIELDS = {
     "token_scoring_chunk_size": (2, "memory only: TIP's scores, 2 tokens at a time (test_tip.py)"),
     "explicit_position_ids": (False, "the same positions up to RoPE's relative invariance (test_self_distillation.py)"),
 }
+# Where a served teacher is and how it is asked: need a running server, so covered where serving is tested
+# (tests/test_served_teacher.py: same losses as the local teacher per backend, refusals, faults; SimCTTrainer
+# refuses them there).
+SERVED_FIELDS = {name: "the teacher server (test_served_teacher.py, test_vllm_teacher.py)" for name in (
+    "teacher_model_server_url", "teacher_server_backend", "teacher_server_top_k", "teacher_server_model",
+    "teacher_server_timeout", "teacher_server_retry_seconds", "teacher_server_wait_seconds")}
 # Fields that say which model or tokenizer to load: covered where loading is tested.
 LOADING_FIELDS = {
-    "SimCTTrainer": {"teacher_tokenizer_name_or_path": "the teacher's tokenizer files (test_simct_trainer.py)"},
+    "OPDTrainer": SERVED_FIELDS,
+    "SimCTTrainer": {"teacher_tokenizer_name_or_path": "the teacher's tokenizer files (test_simct_trainer.py)",
+                     **SERVED_FIELDS},
     "RLADTrainer": {
+        **SERVED_FIELDS,
         "teacher_model_name_or_path": "the teacher to load (test_rlad_trainer.py, a teacher given by path)",
         "teacher_model_revision": "the revision of the teacher to load",
         "teacher_model_init_kwargs": "from_pretrained arguments of the teacher to load (test_rlad_trainer.py)",

@@ -512,6 +512,69 @@ class OutputHead:
         return self.weight.shape[0] if self.vocab_size is None else self.vocab_size
 
 
+def check_served_temperature(served: float, asked: float) -> None:
+    """Served log-probs are at the temperature the server applied; a loss at another T_d cannot use them."""
+    if asked != served:
+        raise ValueError(
+            f"The served teacher's log-probs are at temperature {served}, but the loss asks for T_d = {asked}; a "
+            "served log-prob cannot be re-tempered without the rest of the vocabulary."
+        )
+
+
+@dataclass(frozen=True)
+class SparseTeacherLogits:
+    """A teacher known by its log-probs at a few ids per token (a served teacher: vLLM's top-k `prompt_logprobs`, or
+    trl_opd's server at the student's top-k ids), in the place of the teacher's `OutputHead` in the chunked kernels.
+
+    Its "hidden states" are row indices (`row_indices()`, [N] long): `logits(rows)` gives `[n, V']` teacher logits
+    z with z[i, ids[i, j]] = logprobs[i, j] and every other entry log(r_i / (V' − m_i)), the leftover mass
+    r_i = 1 − Σ_j exp(logprobs[i, j]) spread evenly over the m_i-complement (−inf when nothing is left). So
+    log softmax(z) gives the served log-probs back exactly and 1 − Σ p on the complement (methods.md §0.9):
+
+    * teacher-top-k' support, k' ≤ k, with or without the tail class, equals the support computed from the full
+      teacher logits (TopK(z) is the served top-k: every id off it has p ≤ the k-th largest, so their mean r/(V'−k)
+      does too; only an exact tie of every tail id could reorder them);
+    * student-top-k support (ids sent to the server) with or without tail equals it as well: the support is read
+      from the student's logits, and the tail is the leftover mass.
+    The log-probs are at one temperature; the kernels must use T_d = 1 on them (`check_temperature`). Entries with
+    id −1 are padding (ragged supports).
+    """
+
+    token_ids: torch.Tensor  # [N, m] long, −1 = padding
+    logprobs: torch.Tensor  # [N, m] float
+    vocab_size: int
+    temperature: float = 1.0
+
+    bias = None  # no weight matrix: the kernels take this object whole, in the head's place (`_prepare_chunked`)
+    softcap = None
+
+    @property
+    def width(self) -> int:
+        return self.vocab_size
+
+    def row_indices(self) -> torch.Tensor:
+        return torch.arange(self.token_ids.shape[0], device=self.token_ids.device)
+
+    def scaled_hidden(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def check_temperature(self, temperature: float) -> None:
+        check_served_temperature(self.temperature, temperature)
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        ids, logprobs = self.token_ids[rows], self.logprobs[rows].double()
+        present = ids >= 0
+        logprobs = logprobs.masked_fill(~present, _NEG_INF)
+        kept_mass = torch.logsumexp(logprobs, dim=-1).exp().clamp(max=1.0)
+        leftover = (1.0 - kept_mass).clamp(min=0.0)
+        spread = (self.vocab_size - present.sum(-1)).clamp(min=1)
+        fill = torch.where(leftover > 0, (leftover / spread).log(), torch.full_like(leftover, _NEG_INF))
+        # One spare column takes the padding entries, so they never overwrite a real id.
+        dense = fill.unsqueeze(-1).expand(len(ids), self.vocab_size + 1).clone()
+        dense.scatter_(-1, torch.where(present, ids, self.vocab_size), logprobs)
+        return dense[:, : self.vocab_size].to(self.logprobs.dtype)
+
+
 _DIVERGENCE_DEFAULTS = {
     "divergence": "reverse_kl",
     "beta": 0.5,
@@ -570,8 +633,12 @@ def _prepare_chunked(
     chunk_size,
     divergence_kwargs,
 ) -> tuple[OutputHead, OutputHead, dict]:
-    """Validate the chunked-path inputs; bundle each side's output layer and the full divergence options."""
+    """Validate the chunked-path inputs; bundle each side's output layer and the full divergence options. A
+    `SparseTeacherLogits` teacher comes whole in `teacher_head`, with row indices as its `teacher_hidden`."""
     _check_head("student", student_hidden, student_head, student_bias, softcap)
+    if isinstance(teacher_head, SparseTeacherLogits):
+        return _prepare_sparse_teacher(student_hidden, student_head, student_bias, softcap, teacher_hidden,
+                                       teacher_head, vocab_size, chunk_size, divergence_kwargs)
     _check_head("teacher", teacher_hidden, teacher_head, teacher_bias, teacher_softcap)
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
         raise ValueError(
@@ -596,6 +663,24 @@ def _prepare_chunked(
         OutputHead(teacher_head, teacher_bias, teacher_softcap, vocab_size=vocab_size),
         _divergence_options(divergence_kwargs),
     )
+
+
+def _prepare_sparse_teacher(student_hidden, student_head, student_bias, softcap, teacher_rows,
+                            teacher: SparseTeacherLogits, vocab_size, chunk_size, divergence_kwargs):
+    """`_prepare_chunked` for a served teacher: its log-probs cover the compared vocabulary at one temperature."""
+    vocab_size = teacher.vocab_size if vocab_size is None else vocab_size
+    if vocab_size != teacher.vocab_size or vocab_size > student_head.shape[0]:
+        raise ValueError(
+            f"The served teacher's log-probs cover {teacher.vocab_size} ids, the loss compares {vocab_size} and the "
+            f"student's head has {student_head.shape[0]} rows."
+        )
+    if teacher_rows.shape[0] != student_hidden.shape[0]:
+        raise ValueError(f"{teacher_rows.shape[0]} served teacher rows for {student_hidden.shape[0]} student tokens.")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens.")
+    options = _divergence_options(divergence_kwargs)
+    teacher.check_temperature(options["temperature"])
+    return OutputHead(student_head, student_bias, softcap, vocab_size=vocab_size), teacher, options
 
 
 def _chunks(num_tokens: int, chunk_size: int) -> list[slice]:

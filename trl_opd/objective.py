@@ -18,10 +18,10 @@ One call is, in order (methods.md §0.2):
    Optional no-grad **diagnostics** (§7.1) read the same hidden states.
 
 Inputs are plain tensors (`CompletionBatch`): the student's last hidden states and `OutputHead`, and a teacher signal.
-`LocalTeacher` is a teacher that runs in this process. The objective reads the teacher in two ways only: its hidden
-states and head (`hidden`, `head`) for the full-distribution passes (analytic loss, TIP scoring, diagnostics), and
-`token_logprobs` for the sampled-token passes (estimators, evidence). A teacher served elsewhere (not built yet) plugs
-in by providing the same, or only `token_logprobs` for the sampled-token methods.
+`LocalTeacher` is a teacher whose last hidden states and head are in this process (run here, or its hidden states
+returned by trl_opd's teacher server). `ServedTeacher` is what a log-prob server returned (vLLM's top-k). The objective
+reads either in two ways only: `hidden`/`head` for the passes over a distribution (analytic loss, TIP scoring,
+diagnostics), and `token_logprobs` for the sampled-token passes (estimators, evidence).
 
 `stats` maps metric names to (sum, count) pairs over this micro-batch; the trainer gathers them over processes.
 Names: `opd/…` (the loss), `tip/…`, `evidence/…`, `oprd/…`, `aapa/…`, `diagnostics/…`; a share (a fraction of
@@ -39,6 +39,8 @@ from .anchor import AnchorSchedule, anchor_policy_loss
 from .diagnostics import OverlapAccumulator
 from .losses import (
     OutputHead,
+    SparseTeacherLogits,
+    check_served_temperature,
     chunked_entropy,
     chunked_token_divergence,
     chunked_token_logprobs,
@@ -79,6 +81,49 @@ class LocalTeacher:
 
 
 @dataclass
+class ServedTeacher:
+    """A teacher served elsewhere, known by what its server returned at the completion positions (methods.md §0.9):
+    the log-prob of each sampled token and/or log-probs at a few ids per token (vLLM's top-k, or trl_opd's server at
+    the student's top-k ids), all at one temperature. Shapes `[B, C]` / `[B, C, m]` before `rows`, `[N]` / `[N, m]`
+    after. It stands where `LocalTeacher` stands: `hidden`/`head` for the passes over a distribution (the support's
+    log-probs as `losses.SparseTeacherLogits`), `token_logprobs` for the sampled-token passes."""
+
+    completion_ids: torch.Tensor  # the tokens `sampled_logprobs` score
+    vocab_size: int
+    temperature: float = 1.0
+    sampled_logprobs: torch.Tensor | None = None
+    support_ids: torch.Tensor | None = None  # −1 = padding
+    support_logprobs: torch.Tensor | None = None
+
+    def rows(self, valid: torch.Tensor) -> ServedTeacher:
+        def pick(tensor):
+            return None if tensor is None else tensor.to(valid.device)[valid]
+
+        return ServedTeacher(pick(self.completion_ids), self.vocab_size, self.temperature,
+                             pick(self.sampled_logprobs), pick(self.support_ids), pick(self.support_logprobs))
+
+    @property
+    def head(self) -> SparseTeacherLogits:
+        if self.support_ids is None:
+            raise ValueError("This objective reads the teacher's distribution, but the served teacher returned only "
+                             "the sampled tokens' log-probs (a config check should have refused it).")
+        return SparseTeacherLogits(self.support_ids, self.support_logprobs, self.vocab_size, self.temperature)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.head.row_indices()
+
+    def token_logprobs(self, token_ids: torch.Tensor, *, temperature: float, chunk_size: int) -> torch.Tensor:
+        """log p_T(token) as served; the tokens must be the ones the server scored, at its temperature."""
+        if self.sampled_logprobs is None:
+            raise ValueError("The served teacher returned no sampled-token log-probs.")
+        check_served_temperature(self.temperature, temperature)
+        if not torch.equal(token_ids.to(self.completion_ids.device), self.completion_ids):
+            raise ValueError("The tokens asked for are not the ones the served teacher scored (a misalignment).")
+        return self.sampled_logprobs.to(token_ids.device).float()
+
+
+@dataclass
 class CompletionBatch:
     """One micro-batch of completion tokens as the objective reads it.
 
@@ -87,7 +132,7 @@ class CompletionBatch:
         completion_ids: `[B, C]` the sampled tokens (what the sampled-token passes score).
         student_hidden: `[B, C, d_S]` the student's last hidden states predicting each completion token (gradient).
         student_head: the student's head (`vocab_size` set to the compared vocabulary).
-        teacher: the teacher's signal at the same positions (`LocalTeacher`).
+        teacher: the teacher's signal at the same positions (`LocalTeacher` or `ServedTeacher`).
         is_guided: optional `[B]` bool, the EDGE-OPD guided rows (for the evidence statistics).
         representation: OPRD's captured states, when the trainer captured them.
         anchor_advantages: optional `[B]` AAPA advantages (0 for rows without the term), when the trainer scored
@@ -98,7 +143,7 @@ class CompletionBatch:
     completion_ids: torch.Tensor
     student_hidden: torch.Tensor
     student_head: OutputHead
-    teacher: LocalTeacher
+    teacher: LocalTeacher | ServedTeacher
     is_guided: torch.Tensor | None = None
     representation: RepresentationStates | None = None
     anchor_advantages: torch.Tensor | None = None
@@ -172,14 +217,14 @@ class ChunkPolicy:
         return max(1, math.ceil(self.token_ratio * self.loss_tokens(num_tokens, vocab)))
 
 
-def _kernel_arguments(student_hidden, student_head: OutputHead, teacher: LocalTeacher) -> tuple[tuple, dict]:
+def _kernel_arguments(student_hidden, student_head: OutputHead, teacher) -> tuple[tuple, dict]:
     """Positional and keyword arguments of the chunked kernels in `losses` for these rows and heads."""
     teacher_head = teacher.head
     positional = (
         student_head.scaled_hidden(student_hidden),
         student_head.weight,
         teacher_head.scaled_hidden(teacher.hidden),
-        teacher_head.weight,
+        teacher_head if isinstance(teacher_head, SparseTeacherLogits) else teacher_head.weight,  # sparse: whole
     )
     keywords = {
         "student_bias": student_head.bias,

@@ -17,6 +17,7 @@ from trl import DistillationConfig
 from ..anchor import AnchorSchedule
 from ..losses import DIVERGENCES, ESTIMATORS, TOP_K_SOURCES
 from ..reduction import REDUCTIONS as LOSS_REDUCTIONS
+from ..serving.arguments import ServedTeacherArguments
 from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
 from .oprd import RepresentationArguments
 from .aligned_prompts import resolve_aligned_prompt_template
@@ -125,7 +126,7 @@ def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 @dataclass
-class OPDConfig(RepresentationArguments, DistillationConfig):
+class OPDConfig(ServedTeacherArguments, RepresentationArguments, DistillationConfig):
     r"""
     Configuration for [`OPDTrainer`]: every field of `trl.DistillationConfig` plus the fields below, and the OPRD
     fields of `trl_opd.trainers.oprd.RepresentationArguments` (`representation_weight`, `logit_weight`, ...).
@@ -497,6 +498,7 @@ class OPDConfig(RepresentationArguments, DistillationConfig):
         self._validate_aligned_prompts()
         self._validate_diagnostics()
         AnchorSchedule.from_config(self)  # aapa_weight, aapa_start_step, aapa_ramp_steps
+        self.validate_served_teacher_arguments()  # last: it reads the method's validated fields
 
     def _validate_aligned_prompts(self) -> None:
         _require_unit_interval("aligned_prompt_ratio", self.aligned_prompt_ratio)

@@ -49,6 +49,8 @@ from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
 from .rows import ALIGNED_STREAM, GUIDED_STREAM, seeded_rows
 from .self_distillation import teacher_prompt
+from ..serving.backends import TeacherRows, TrlOpdTeacher
+from .served_teacher import ServedCapture, connect_served_teacher, served_vocab_size
 from .teacher import (
     check_teacher_init_kwargs,
     load_teacher,
@@ -141,21 +143,28 @@ class _OPDTrainerCore(DistillationTrainer):
 
     def _check_before_loading(self, model, teacher_model, train_dataset, eval_dataset, processing_class, args) -> None:
         """Every check that needs no weights, so bad input fails before anything is loaded; sets what they decide
-        (`_self_teacher`, `_privileged`, `_loss_vocab_size`)."""
-        check_teacher_argument(teacher_model)
-        check_teacher_init_kwargs(teacher_model, args)
+        (`_served_teacher`, `_self_teacher`, `_privileged`, `_loss_vocab_size`). A served teacher is asked first: a
+        server that is down fails here, with its URL."""
+        self._served_teacher = connect_served_teacher(teacher_model, args)
+        if self._served_teacher is None:
+            check_teacher_argument(teacher_model)
+            check_teacher_init_kwargs(teacher_model, args)
         self._self_teacher = args.uses_self_teacher(teacher_model)
         self._privileged = args.uses_teacher_context(teacher_model)
         check_datasets(train_dataset, eval_dataset, args)
         check_teacher_context(train_dataset, args, self._privileged)
         # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
         student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
-        self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
-            model, teacher_model, student_tokenizer, args
-        )
+        if self._served_teacher is not None:
+            self._loss_vocab_size = served_vocab_size(self._served_teacher, model, student_tokenizer, train_dataset,
+                                                      args)
+        else:
+            self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
+                model, teacher_model, student_tokenizer, args
+            )
         self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
         check_output_dir(args)
-        if not self._self_teacher:
+        if not self._self_teacher and self._served_teacher is None:
             warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -215,7 +224,7 @@ class _OPDTrainerCore(DistillationTrainer):
         """Every training prompt is well formed and leaves room for `max_completion_length` tokens in both models'
         context (see `check_prompts`); the student's chat-template arguments apply."""
         models = [(model, None)]
-        if not self._self_teacher:
+        if not self._self_teacher and self._served_teacher is None:
             models.append((teacher_model, args.teacher_model_revision))
         check_prompts(train_dataset, models, student_tokenizer, args,
                       {**(args.chat_template_kwargs or {}), **(args.student_chat_template_kwargs or {})})
@@ -224,6 +233,8 @@ class _OPDTrainerCore(DistillationTrainer):
         """Both LM heads, sliced to the compared vocabulary. The loss reads them chunk by chunk on one device, which
         `__init__` checks once (so a misplaced head fails before training, not at the first step)."""
         student_head = output_head(unwrapped_student, self._loss_vocab_size)
+        if self._served_teacher is not None:  # its head, if any, comes from the server onto the student's device
+            return student_head, None
         teacher_head = output_head(self._unwrapped_teacher(), self._loss_vocab_size)
         if student_head.weight.device != teacher_head.weight.device:
             raise ValueError(
@@ -249,7 +260,10 @@ class _OPDTrainerCore(DistillationTrainer):
     # ------------------------------------------------------------------ teacher
 
     def _build_teacher(self, teacher_model):
-        """The prepared teacher module; for `"self"`, a frozen copy of the student or None (PEFT: adapter disabled)."""
+        """The prepared teacher module; for `"self"`, a frozen copy of the student or None (PEFT: adapter disabled);
+        None for a served teacher (`self._served_teacher`)."""
+        if self._served_teacher is not None:
+            return None
         if not self._self_teacher:
             return prepare_teacher(self, load_teacher(teacher_model, self.args))
         if is_peft_model(self.model):
@@ -531,8 +545,8 @@ class _OPDTrainerCore(DistillationTrainer):
         with captures.student:
             student_hidden = self._hidden_states(unwrapped_student, *self._student_sequence(inputs), width)
         with captures.teacher:
-            teacher_hidden = self._teacher_hidden_state(inputs, width)
-        batch = self._completion_batch(unwrapped_student, inputs, student_hidden, teacher_hidden)
+            teacher = self._teacher_signal(inputs, width, captures)
+        batch = self._completion_batch(unwrapped_student, inputs, student_hidden, teacher)
         batch.representation = captures.states()
         output = self.objective(
             batch, self._step_normalisers(inputs, num_items_in_batch),
@@ -549,23 +563,50 @@ class _OPDTrainerCore(DistillationTrainer):
         """Hidden states to capture during this micro-batch's forwards: none here (OPRD's mixin asks for some)."""
         return CaptureRequest()
 
-    def _completion_batch(self, unwrapped_student, inputs, student_hidden, teacher_hidden) -> CompletionBatch:
-        """Both models' last hidden states and heads on one device, as the objective reads them. Representation-only
-        OPRD reads no head at all (the states stay where the models left them)."""
+    def _teacher_signal(self, inputs, width: int, captures: CaptureRequest):
+        """What the objective reads of the teacher: its last hidden states (a local teacher's forward), or what its
+        server returns (`trl_opd.serving.backends`). Representation-only OPRD reads only the captured layers."""
+        if self._served_teacher is None:
+            return self._teacher_hidden_state(inputs, width)
+        served, rows = self._served_teacher, self._teacher_rows(inputs)
+        wants_layers = isinstance(captures.teacher, ServedCapture)
+        if isinstance(served, TrlOpdTeacher):
+            fetched = served.fetch(rows, **(captures.teacher.request() if wants_layers else {}))
+            if wants_layers:
+                captures.teacher.fill(fetched)
+            return served.signal(rows, temperature=self.distillation_temperature, vocab_size=self._loss_vocab_size,
+                                 fetched=fetched) if self.objective.uses_heads else None
+        vocab = self._loss_vocab_size or output_head(self.accelerator.unwrap_model(self.model)).width
+        return served.signal(rows, temperature=self.distillation_temperature, vocab_size=vocab)
+
+    def _teacher_rows(self, inputs) -> TeacherRows:
+        """The teacher's prompt (its own when it has one) and the completion, as the served teacher gets them."""
+        prompt = "teacher_prompt" if "teacher_prompt_ids" in inputs else "prompt"
+        return TeacherRows(inputs[f"{prompt}_ids"], inputs[f"{prompt}_mask"], inputs["completion_ids"],
+                           inputs["completion_mask"])
+
+    def _completion_batch(self, unwrapped_student, inputs, student_hidden, teacher) -> CompletionBatch:
+        """Both models' last hidden states and heads on one device, as the objective reads them (`teacher`: the local
+        teacher's last hidden states, or a served teacher's signal). Representation-only OPRD reads no head at all
+        (the states stay where the models left them)."""
         if not self.objective.uses_heads:
             valid = self._loss_mask(inputs).bool()
             return CompletionBatch(valid, inputs["completion_ids"], student_hidden, None, None)
         student_head, teacher_head = self._output_heads(unwrapped_student)
         device = student_head.weight.device
         valid = self._loss_mask(inputs).to(device).bool()
-        student_hidden, teacher_hidden = student_hidden.to(device), teacher_hidden.to(device)
-        self._check_finite_hidden_states(student_hidden, teacher_hidden, valid)
+        student_hidden = student_hidden.to(device)
+        if isinstance(teacher, torch.Tensor):
+            teacher = LocalTeacher(teacher.to(device), teacher_head)
+        if isinstance(teacher, LocalTeacher):
+            teacher = LocalTeacher(teacher.hidden.to(device), teacher.head)
+            self._check_finite_hidden_states(student_hidden, teacher.hidden, valid)
         return CompletionBatch(
             valid=valid,
             completion_ids=inputs["completion_ids"].to(device),
             student_hidden=student_hidden,
             student_head=student_head,
-            teacher=LocalTeacher(teacher_hidden, teacher_head),
+            teacher=teacher,
             is_guided=inputs.get("is_guided"),
             anchor_advantages=inputs.get("aapa_advantages"),
         )

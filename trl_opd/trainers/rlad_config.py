@@ -10,6 +10,7 @@ from trl import GRPOConfig
 
 from ..anchor import AnchorSchedule
 from ..rlad import TEACHER_CLAMP_MODES
+from ..serving.arguments import ServedTeacherArguments
 from .opd_config import check_field_types
 from .support import refuse_unsupported
 
@@ -17,7 +18,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class RLADConfig(GRPOConfig):
+class RLADConfig(ServedTeacherArguments, GRPOConfig):
     r"""
     Configuration for [`RLADTrainer`]: every field of `trl.GRPOConfig` plus the fields below.
 
@@ -130,6 +131,7 @@ class RLADConfig(GRPOConfig):
         """Checks that need no model: they run at construction, before anything is loaded."""
         check_field_types(self, RLADConfig)
         refuse_unsupported(self)  # a field RLADTrainer would ignore: trainers/support.py
+        self.validate_served_teacher_arguments()
         if not 0.0 <= self.rlad_alpha <= 1.0:
             raise ValueError(
                 f"`rlad_alpha` must be in [0, 1], got {self.rlad_alpha}: 1 is plain GRPO, 0 anchors the ratio to the "

@@ -32,6 +32,8 @@ from ..anchor import AnchorSchedule, make_anchor_reward
 from ..rlad import scale_gradient, teacher_clamp_mask, trrd_anchor_logp, trrd_logp_grad_scale
 from .dataset_checks import check_dataset_size, check_output_dir, check_prompt_columns
 from .reward_checks import check_reward_functions
+from ..serving.backends import TeacherRows
+from .served_teacher import connect_served_teacher, served_vocab_size
 from .teacher import (
     check_teacher_init_kwargs,
     load_teacher,
@@ -89,16 +91,23 @@ class RLADTrainer(GRPOTrainer):
         if not isinstance(args, RLADConfig):
             raise TypeError(f"{type(self).__name__} needs an RLADConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        # Every check that needs no weights runs first, so bad input fails before anything is loaded.
-        self._check_teacher_argument(teacher_model, args)
+        # Every check that needs no weights runs first, so bad input fails before anything is loaded; a served
+        # teacher is asked first (a server that is down fails here, with its URL).
+        self._served_teacher = connect_served_teacher(teacher_model, args)
         student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))  # loaded once, for both
-        self._check_teacher_vocabulary(model, teacher_model, student_tokenizer, args)
+        models = [(model, None)]
+        if self._served_teacher is None:
+            self._check_teacher_argument(teacher_model, args)
+            self._check_teacher_vocabulary(model, teacher_model, student_tokenizer, args)
+            models.append((teacher_model, args.teacher_model_revision))
+        else:
+            served_vocab_size(self._served_teacher, model, student_tokenizer, train_dataset, args)
         check_prompt_columns(train_dataset, eval_dataset, "RLADTrainer")
-        check_prompts(train_dataset, [(model, None), (teacher_model, args.teacher_model_revision)], student_tokenizer,
-                      args, args.chat_template_kwargs or {})
+        check_prompts(train_dataset, models, student_tokenizer, args, args.chat_template_kwargs or {})
         check_output_dir(args)
         check_reward_functions(reward_funcs, train_dataset)
-        warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
+        if self._served_teacher is None:
+            warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
         anchor_reward = make_anchor_reward(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
         super().__init__(
@@ -120,11 +129,14 @@ class RLADTrainer(GRPOTrainer):
         if anchor_reward is not None:
             self._anchor_schedule = AnchorSchedule.from_config(args)
             self._append_reward(anchor_reward, self._anchor_schedule.weight_at(0))
-        teacher = load_teacher(teacher_model, args)  # shared with OPDTrainer: same fields, same rules
+        self.teacher_model = None if self._served_teacher is not None else self._build_teacher(teacher_model)
+
+    def _build_teacher(self, teacher_model):
+        teacher = load_teacher(teacher_model, self.args)  # shared with OPDTrainer: same fields, same rules
         # The same chunked kernel and temperature as the student's log-probs, so a teacher equal to the student
         # gives log π_T = log π_old exactly.
-        add_fused_lm_head(teacher, temperature=self.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
-        self.teacher_model = prepare_teacher(self, teacher)
+        add_fused_lm_head(teacher, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        return prepare_teacher(self, teacher)
 
     # ------------------------------------------------------------------ validation (before any model is loaded)
 
@@ -234,6 +246,12 @@ class RLADTrainer(GRPOTrainer):
         if behaviour_logps is None:
             with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
                 behaviour_logps, _, _ = self._get_per_token_logps_and_entropies(self.model, *score)
+        if self._served_teacher is not None:
+            rows = TeacherRows(output["prompt_ids"], output["prompt_mask"], output["completion_ids"],
+                               output["completion_mask"])
+            vocab = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
+            teacher_logps = self._served_teacher.sampled_logprobs(rows, temperature=self.temperature, vocab_size=vocab)
+            return behaviour_logps, teacher_logps  # 0 on padding (masked like the local teacher's values)
         teacher_logps, _, _ = self._get_per_token_logps_and_entropies(self.teacher_model, *score)
         return behaviour_logps, teacher_logps
 

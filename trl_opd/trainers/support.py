@@ -116,6 +116,11 @@ COMPONENTS = {c.name: c for c in (
                ["logit_weight", "representation_layers", "representation_positions", "representation_last_k",
                 "representation_position_convention", "representation_layer_map", "representation_normalize",
                 "projector", "bridge_rank", "bridge_path", "bridge_fit_prompts", "allow_random_projector"]),
+    # a teacher served by another process (methods.md §0.9)
+    _component("served_teacher", "a teacher served by another process (vLLM or trl_opd's server)",
+               ["teacher_model_server_url"],
+               ["teacher_server_backend", "teacher_server_top_k", "teacher_server_model", "teacher_server_timeout",
+                "teacher_server_retry_seconds", "teacher_server_wait_seconds"], owner="ServedTeacherArguments"),
     # another tokenizer (methods.md §8)
     _component("cross_tokenizer", "the cross-tokenizer segment losses (SimCT, ULD)", ["cross_tokenizer_loss"],
                ["teacher_tokenizer_name_or_path", "simct_span_score", "shared_vocabulary_mode", "uld_merge",
@@ -129,8 +134,10 @@ COMPONENTS = {c.name: c for c in (
 )}
 
 _OPD_ONLY = ("divergence", "estimator", "top_k", "clip", "chunked_head", "tip_q3", "tip_importance",
-             "tip_scoring_pass", "evidence", "seq_kd", "self_teacher", "guided", "diagnostics", "oprd", "aapa_term")
-_OPD_FAMILY = tuple(name for name, component in COMPONENTS.items() if component.owner == "OPDConfig")
+             "tip_scoring_pass", "evidence", "seq_kd", "self_teacher", "guided", "diagnostics", "oprd", "aapa_term",
+             "served_teacher")
+_OPD_FAMILY = tuple(name for name, component in COMPONENTS.items() if component.owner == "OPDConfig") + (
+    "served_teacher",)
 
 
 @dataclass(frozen=True)
@@ -165,10 +172,11 @@ TRAINERS = {t.name: t for t in (
             "diagnostics": "the overlap statistics compare both models' top-k over one vocabulary",
             "oprd": "its loss never captures hidden states, so the OPRD term and projector would not train",
             "aapa_term": "its segment objective has no anchor term",
+            "served_teacher": "its segment rows read the teacher's full completion logits in this process",
         },
     ),
     Trainer("RLADTrainer", "RLADConfig", "GRPO rewards and a teacher with the student's tokenizer",
-            ("trrd", "teacher_stats", "aapa")),
+            ("trrd", "teacher_stats", "aapa", "served_teacher")),
 )}
 
 
