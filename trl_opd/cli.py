@@ -4,6 +4,7 @@
     trl-opd opd --config recipes/opd.yaml --divergence forward_kl    # any YAML key as a flag; the flag wins
     trl-opd opd --config recipes/opd.yaml --accelerate_config zero2 --num_processes 8   # through accelerate launch
     trl-opd eval --model outputs/opd-qwen3-1.7b --benchmarks aime24
+    trl-opd serve-teacher Qwen/Qwen3-8B --port 8010                  # a teacher over HTTP (trl_opd[serve])
 
 A training command parses `--config file.yaml` plus flags with `trl.TrlParser` (the recipes' `parse_recipe_args`:
 unknown keys are errors) and runs `main` of `trl_opd/scripts/<method>.py`, the lines `recipes/<method>.py` runs.
@@ -55,7 +56,8 @@ TRAINING = {
                            "recipes/toy/cold_start.yaml"),
 }
 EVAL_HELP = "evaluate a model on math benchmarks: avg@n, pass@k, maj@n (default AIME 2024 + 2025)"
-COMMANDS = [*TRAINING, "eval"]
+SERVE_HELP = "serve a teacher model over HTTP to training processes: hidden states, log-probs, its LM head"
+COMMANDS = [*TRAINING, "eval", "serve-teacher"]
 
 ACCELERATE_CONFIG_ALIASES = {"ddp": "multi_gpu"}  # the issue's name for TRL's plain data-parallel file
 
@@ -66,6 +68,7 @@ examples:
   trl-opd tip --config recipes/tip.yaml --dry_run true              validate a YAML, load nothing
   trl-opd opd --config recipes/opd.yaml --accelerate_config zero2 --num_processes 8
   trl-opd eval --model outputs/opd-qwen3-1.7b --benchmarks aime24 --n 64
+  trl-opd serve-teacher Qwen/Qwen3-8B --port 8010                   a teacher too large to sit beside the student
 
 `trl-opd COMMAND --help` lists the command's YAML keys (the config fields) and the launcher options.
 --accelerate_config NAME|FILE: ddp, zero1, zero2, zero3, fsdp1, fsdp2, single_gpu, multi_gpu (the files TRL ships,
@@ -89,6 +92,7 @@ def _top_parser() -> argparse.ArgumentParser:
     for name, training in TRAINING.items():
         commands.add_parser(name, help=training.help, add_help=False)
     commands.add_parser("eval", help=EVAL_HELP, add_help=False)
+    commands.add_parser("serve-teacher", help=SERVE_HELP, add_help=False)
     return parser
 
 
@@ -115,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                          "`trl-opd opd --config recipes/toy/opd.yaml` (`trl-opd --help`).")
     if command == "eval":
         return run_eval(rest)
+    if command == "serve-teacher":
+        return run_serve_teacher(rest)
     return run_training(command, rest)
 
 
@@ -128,6 +134,51 @@ def run_eval(argv: list[str]) -> int:
         " and reports avg@n, pass@k and maj@n. Same options as eval/aime.py."
     )
     return evaluate(argv, prog="trl-opd eval", description=description, default_benchmarks=["aime24", "aime25"])
+
+
+def _serve_teacher_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trl-opd serve-teacher",
+        description="Serve a teacher model over HTTP (trl_opd.serving.teacher_server) for training processes that "
+                    "cannot hold it: its last hidden states, decoder-layer outputs, log-probs at any token ids, "
+                    "top-k log-probs and its LM head. Requests arriving together share a forward.",
+        epilog="example:\n  trl-opd serve-teacher Qwen/Qwen3-8B --port 8010 --dtype bfloat16\n"
+               "the training side: trl_opd.serving.trl_opd_client.TrlOpdTeacherClient(\"http://127.0.0.1:8010\")",
+        formatter_class=_Formatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("model", metavar="MODEL",
+                        help="a model directory or Hub name (AutoModelForCausalLM, trust_remote_code=False)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="the address to listen on; 0.0.0.0 serves other machines (no authentication: use it "
+                             "on a trusted network only)")
+    parser.add_argument("--port", type=int, default=8010, help="the port to listen on")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="auto",
+                        help="the dtype the model is loaded in (auto: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ...; None: cuda if available, else cpu")
+    parser.add_argument("--max_batch_size", type=int, default=8,
+                        help="the most waiting requests the server takes at once (requests that can share a forward "
+                             "are merged into one)")
+    parser.add_argument("--batch_wait_ms", type=float, default=5.0,
+                        help="after a request arrives, how long the server waits for more to batch with it")
+    return parser
+
+
+def run_serve_teacher(argv: list[str]) -> int:
+    """`trl-opd serve-teacher MODEL ...`: load the model and serve it until interrupted (needs trl_opd[serve])."""
+    parser = _serve_teacher_parser()
+    args = parser.parse_args(argv)
+    if args.max_batch_size < 1 or args.batch_wait_ms < 0:
+        parser.error(f"--max_batch_size {args.max_batch_size} must be >= 1 and --batch_wait_ms "
+                     f"{args.batch_wait_ms:g} >= 0.")
+    missing = [name for name in ("starlette", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"the teacher server needs {' and '.join(missing)}: pip install \"trl_opd[serve]\"")
+    from trl_opd.serving.teacher_server import serve
+
+    serve(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
+          max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------- training
