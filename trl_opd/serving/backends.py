@@ -21,7 +21,7 @@ import torch
 
 from ..losses import check_served_temperature
 from ..objective import LocalTeacher, ServedTeacher
-from .arguments import BACKEND_SIGNALS
+from .arguments import BACKEND_SIGNALS, needed_signals
 from .http import RetryPolicy
 from .vllm_client import VLLMTeacherClient
 
@@ -59,7 +59,9 @@ class VLLMTeacher:
 
     def __init__(self, args):
         self.url = args.teacher_model_server_url
-        self.top_k = args.teacher_server_top_k
+        # Top-k log-probs only when the method reads a distribution; the sampled-token methods ask for none.
+        reads_top_k = any(signal == "teacher_top_k" for signal, _ in needed_signals(args))
+        self.top_k = args.teacher_server_top_k if reads_top_k else 0
         self.client = VLLMTeacherClient(self.url, _policy(args), model=args.teacher_server_model)
 
     def check_ready(self, wait_seconds: float) -> None:

@@ -66,6 +66,7 @@ from ..representation import (
     pair_layers,
     select_positions,
 )
+from .served_teacher import ServedCapture
 
 PROJECTOR_NAME = "oprd_projector"
 PROJECTOR_FILE = f"{PROJECTOR_NAME}.safetensors"
@@ -353,24 +354,32 @@ class RepresentationDistillationMixin:
     def _setup_representation(self) -> None:
         args = self.args
         student_stack = find_decoder_layers(self.model)
-        try:
-            teacher_stack = find_decoder_layers(self._unwrapped_teacher())
-        except ValueError as error:
-            raise ValueError(f"Teacher: {error}") from None
+        teacher_depth, teacher_width = self._teacher_shape()
         student_layers, teacher_layers = pair_layers(args.representation_layers, student_stack.num_layers,
-                                                     teacher_stack.num_layers, args.representation_layer_map)
+                                                     teacher_depth, args.representation_layer_map)
         self._representation_plan = _RepresentationPlan(
             student_layers=student_layers,
             teacher_layers=teacher_layers,
             last_k=args.representation_last_k if args.representation_positions == "last_k" else None,
             position_convention=args.representation_position_convention,
             student_width=self.model.config.get_text_config().hidden_size,
-            teacher_width=self._unwrapped_teacher().config.get_text_config().hidden_size,
+            teacher_width=teacher_width,
         )
         projector = self._build_projector()
         if projector is not None:
             self._attach_projector(projector)
         self._skip_projector_in_vllm_sync()
+
+    def _teacher_shape(self) -> tuple[int, int]:
+        """(decoder layers, hidden size) of the teacher: its module's, or what its server reports."""
+        if self._served_teacher is not None:
+            info = self._served_teacher.info
+            return info["num_layers"], info["hidden_size"]
+        try:
+            teacher_stack = find_decoder_layers(self._unwrapped_teacher())
+        except ValueError as error:
+            raise ValueError(f"Teacher: {error}") from None
+        return teacher_stack.num_layers, self._unwrapped_teacher().config.get_text_config().hidden_size
 
     def _build_projector(self) -> nn.Module | None:
         args, plan = self.args, self._representation_plan
@@ -454,8 +463,9 @@ class RepresentationDistillationMixin:
                                                     plan.position_convention)
         return _BridgeFittingRequest(
             student_capture=HiddenStateCapture(unwrapped_student, plan.student_layers, positions=student_positions),
-            teacher_capture=HiddenStateCapture(self._unwrapped_teacher(), plan.teacher_layers,
-                                               positions=teacher_positions),
+            teacher_capture=ServedCapture(plan.teacher_layers, teacher_positions)
+            if self._served_teacher is not None
+            else HiddenStateCapture(self._unwrapped_teacher(), plan.teacher_layers, positions=teacher_positions),
             position_mask=position_mask,
             projector=self._representation_projector,
             fit_bridge_teacher=self._fit_bridge_teacher,
@@ -469,7 +479,7 @@ class RepresentationDistillationMixin:
         with request.student:
             self._hidden_states(unwrapped_student, *self._student_sequence(inputs), completion_width)
         with request.teacher:
-            self._teacher_hidden_state(inputs, completion_width)
+            self._teacher_signal(inputs, completion_width, request)
         return request.student_capture.states, request.teacher_capture.states, request.position_mask
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
