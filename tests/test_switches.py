@@ -155,11 +155,13 @@ IMPLEMENTATION_FIELDS = {
 SERVED_FIELDS = {name: "the teacher server (test_served_teacher.py, test_vllm_teacher.py)" for name in (
     "teacher_model_server_url", "teacher_server_backend", "teacher_server_top_k", "teacher_server_model",
     "teacher_server_timeout", "teacher_server_retry_seconds", "teacher_server_wait_seconds")}
+ROUTING_FIELDS = {name: "the teachers to load or ask, by row (test_teachers.py)"
+                  for name in ("teachers", "teacher_id_column")}
 # Fields that say which model or tokenizer to load: covered where loading is tested.
 LOADING_FIELDS = {
-    "OPDTrainer": SERVED_FIELDS,
+    "OPDTrainer": {**SERVED_FIELDS, **ROUTING_FIELDS},
     "SimCTTrainer": {"teacher_tokenizer_name_or_path": "the teacher's tokenizer files (test_simct_trainer.py)",
-                     **SERVED_FIELDS},
+                     **SERVED_FIELDS, **ROUTING_FIELDS},
     "RLADTrainer": {
         **SERVED_FIELDS,
         "teacher_model_name_or_path": "the teacher to load (test_rlad_trainer.py, a teacher given by path)",

@@ -521,8 +521,27 @@ def check_served_temperature(served: float, asked: float) -> None:
         )
 
 
+class TeacherLogits:
+    """A teacher whose logits the chunked kernels read row by row, in the place of an `OutputHead` (a served teacher,
+    several teachers): its "hidden states" are row indices ([N] long, `row_indices()`) and `logits(rows)` returns
+    `[n, V']` teacher logits for them, at `width` V'. The kernels take it whole as `teacher_head`."""
+
+    bias = None
+    softcap = None
+
+    @property
+    def width(self) -> int:
+        return self.vocab_size
+
+    def scaled_hidden(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows
+
+    def check_temperature(self, temperature: float) -> None:
+        """Raise if these logits cannot be read at T_d = `temperature` (served log-probs have one temperature)."""
+
+
 @dataclass(frozen=True)
-class SparseTeacherLogits:
+class SparseTeacherLogits(TeacherLogits):
     """A teacher known by its log-probs at a few ids per token (a served teacher: vLLM's top-k `prompt_logprobs`, or
     trl_opd's server at the student's top-k ids), in the place of the teacher's `OutputHead` in the chunked kernels.
 
@@ -545,18 +564,8 @@ class SparseTeacherLogits:
     vocab_size: int
     temperature: float = 1.0
 
-    bias = None  # no weight matrix: the kernels take this object whole, in the head's place (`_prepare_chunked`)
-    softcap = None
-
-    @property
-    def width(self) -> int:
-        return self.vocab_size
-
     def row_indices(self) -> torch.Tensor:
         return torch.arange(self.token_ids.shape[0], device=self.token_ids.device)
-
-    def scaled_hidden(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows
 
     def check_temperature(self, temperature: float) -> None:
         check_served_temperature(self.temperature, temperature)
@@ -634,10 +643,10 @@ def _prepare_chunked(
     divergence_kwargs,
 ) -> tuple[OutputHead, OutputHead, dict]:
     """Validate the chunked-path inputs; bundle each side's output layer and the full divergence options. A
-    `SparseTeacherLogits` teacher comes whole in `teacher_head`, with row indices as its `teacher_hidden`."""
+    `TeacherLogits` teacher comes whole in `teacher_head`, with row indices as its `teacher_hidden`."""
     _check_head("student", student_hidden, student_head, student_bias, softcap)
-    if isinstance(teacher_head, SparseTeacherLogits):
-        return _prepare_sparse_teacher(student_hidden, student_head, student_bias, softcap, teacher_hidden,
+    if isinstance(teacher_head, TeacherLogits):
+        return _prepare_row_teacher(student_hidden, student_head, student_bias, softcap, teacher_hidden,
                                        teacher_head, vocab_size, chunk_size, divergence_kwargs)
     _check_head("teacher", teacher_hidden, teacher_head, teacher_bias, teacher_softcap)
     if student_hidden.shape[0] != teacher_hidden.shape[0]:
@@ -665,13 +674,13 @@ def _prepare_chunked(
     )
 
 
-def _prepare_sparse_teacher(student_hidden, student_head, student_bias, softcap, teacher_rows,
-                            teacher: SparseTeacherLogits, vocab_size, chunk_size, divergence_kwargs):
-    """`_prepare_chunked` for a served teacher: its log-probs cover the compared vocabulary at one temperature."""
+def _prepare_row_teacher(student_hidden, student_head, student_bias, softcap, teacher_rows,
+                            teacher: TeacherLogits, vocab_size, chunk_size, divergence_kwargs):
+    """`_prepare_chunked` for `TeacherLogits`: they cover the compared vocabulary (at one temperature if served)."""
     vocab_size = teacher.vocab_size if vocab_size is None else vocab_size
     if vocab_size != teacher.vocab_size or vocab_size > student_head.shape[0]:
         raise ValueError(
-            f"The served teacher's log-probs cover {teacher.vocab_size} ids, the loss compares {vocab_size} and the "
+            f"The teacher's logits cover {teacher.vocab_size} ids, the loss compares {vocab_size} and the "
             f"student's head has {student_head.shape[0]} rows."
         )
     if teacher_rows.shape[0] != student_hidden.shape[0]:

@@ -40,6 +40,7 @@ from .diagnostics import OverlapAccumulator
 from .losses import (
     OutputHead,
     SparseTeacherLogits,
+    TeacherLogits,
     check_served_temperature,
     chunked_entropy,
     chunked_token_divergence,
@@ -124,6 +125,87 @@ class ServedTeacher:
 
 
 @dataclass
+class RoutedTeacher:
+    """Several teachers, one per row (MOPD, methods.md §0.9): `owner[b]` indexes the teacher of row b in `signals`,
+    each signal (`LocalTeacher` or `ServedTeacher`, None for a teacher without rows) covering only its own rows, in
+    batch order. Read like one teacher: `rows(valid)` flattens the tokens in batch order and remembers, for each, its
+    teacher and its place among that teacher's tokens."""
+
+    owner: torch.Tensor  # [B] long
+    signals: list
+    names: tuple[str, ...] = ()  # for the per-teacher metrics `teachers/<name>/...`
+
+    def rows(self, valid: torch.Tensor) -> _RoutedRows:
+        owner = self.owner.to(valid.device)
+        token_owner = owner.unsqueeze(1).expand_as(valid)[valid]
+        local = torch.zeros_like(token_owner)
+        parts = []
+        for index, signal in enumerate(self.signals):
+            mine = token_owner == index
+            local[mine] = torch.arange(int(mine.sum()), device=valid.device)
+            parts.append(None if signal is None else signal.rows(valid[owner == index]))
+        return _RoutedRows(token_owner, local, parts)
+
+
+@dataclass
+class _RoutedRows:
+    """A `RoutedTeacher` at the flattened tokens: `[N]` owner and place among its owner's tokens, each owner's rows."""
+
+    owner: torch.Tensor
+    local: torch.Tensor
+    parts: list
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return torch.arange(len(self.owner), device=self.owner.device)
+
+    @property
+    def head(self) -> _RoutedLogits:
+        widths = {part.head.width for part in self.parts if part is not None}
+        if len(widths) > 1:
+            raise ValueError(f"The routed teachers' logits have different widths {sorted(widths)}.")
+        return _RoutedLogits(self, widths.pop() if widths else 0)
+
+    def token_logprobs(self, token_ids: torch.Tensor, *, temperature: float, chunk_size: int) -> torch.Tensor:
+        out = torch.zeros(len(self.owner), device=token_ids.device)
+        for index, part in enumerate(self.parts):
+            mine = self.owner == index  # this owner's tokens, already in its own order
+            if part is not None and bool(mine.any()):
+                out[mine] = part.token_logprobs(token_ids[mine], temperature=temperature,
+                                                chunk_size=chunk_size).to(out.device)
+        return out
+
+
+@dataclass(frozen=True)
+class _RoutedLogits(TeacherLogits):
+    """Each row's logits from its own teacher (`_RoutedRows.head`)."""
+
+    routed: _RoutedRows
+    vocab_size: int
+
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        pieces = []
+        for index, part in enumerate(self.routed.parts):
+            mine = self.routed.owner[rows] == index
+            if part is None or not bool(mine.any()):
+                continue
+            own_rows = self.routed.local[rows[mine]]
+            head = part.head
+            logits = head.logits(own_rows) if isinstance(head, TeacherLogits) else head.logits(part.hidden[own_rows])
+            pieces.append((mine, logits))
+        out = torch.empty(len(rows), self.vocab_size, device=rows.device,
+                          dtype=pieces[0][1].dtype if pieces else torch.float32)
+        for mine, logits in pieces:
+            out[mine] = logits.to(out.dtype)
+        return out
+
+    def check_temperature(self, temperature: float) -> None:
+        for part in self.routed.parts:
+            if part is not None and isinstance(part.head, TeacherLogits):
+                part.head.check_temperature(temperature)
+
+
+@dataclass
 class CompletionBatch:
     """One micro-batch of completion tokens as the objective reads it.
 
@@ -132,7 +214,8 @@ class CompletionBatch:
         completion_ids: `[B, C]` the sampled tokens (what the sampled-token passes score).
         student_hidden: `[B, C, d_S]` the student's last hidden states predicting each completion token (gradient).
         student_head: the student's head (`vocab_size` set to the compared vocabulary).
-        teacher: the teacher's signal at the same positions (`LocalTeacher` or `ServedTeacher`).
+        teacher: the teacher's signal at the same positions (`LocalTeacher`, `ServedTeacher` or, one teacher per row,
+            `RoutedTeacher`).
         is_guided: optional `[B]` bool, the EDGE-OPD guided rows (for the evidence statistics).
         representation: OPRD's captured states, when the trainer captured them.
         anchor_advantages: optional `[B]` AAPA advantages (0 for rows without the term), when the trainer scored
@@ -143,7 +226,7 @@ class CompletionBatch:
     completion_ids: torch.Tensor
     student_hidden: torch.Tensor
     student_head: OutputHead
-    teacher: LocalTeacher | ServedTeacher
+    teacher: LocalTeacher | ServedTeacher | RoutedTeacher
     is_guided: torch.Tensor | None = None
     representation: RepresentationStates | None = None
     anchor_advantages: torch.Tensor | None = None
@@ -168,6 +251,16 @@ def scatter(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     full = values.new_zeros(valid.shape)
     full[valid] = values
     return full
+
+
+def _stash_per_teacher(stats: Stats, teacher: RoutedTeacher, rows: torch.Tensor, per_token: torch.Tensor,
+                       key: str) -> None:
+    """Per routed teacher: its mean per-token value `teachers/<name>/<key>` and its share of the trained tokens."""
+    owner = teacher.owner.to(rows.device).unsqueeze(1).expand_as(rows)[rows]
+    for index, name in enumerate(teacher.names):
+        mine = owner == index
+        stash(stats, f"teachers/{name}/{key}", per_token[mine].sum(), mine.sum())
+        stash(stats, f"teachers/{name}/token_share", mine.sum(), rows.sum())
 
 
 # ------------------------------------------------------------------ pieces built from the config
@@ -224,7 +317,7 @@ def _kernel_arguments(student_hidden, student_head: OutputHead, teacher) -> tupl
         student_head.scaled_hidden(student_hidden),
         student_head.weight,
         teacher_head.scaled_hidden(teacher.hidden),
-        teacher_head if isinstance(teacher_head, SparseTeacherLogits) else teacher_head.weight,  # sparse: whole
+        teacher_head if isinstance(teacher_head, TeacherLogits) else teacher_head.weight,  # row-indexed: whole
     )
     keywords = {
         "student_bias": student_head.bias,
@@ -583,10 +676,13 @@ class OPDObjective:
         rows = valid & (coefficients != 0)
         if self.estimator == "analytic":
             loss, per_token, entropy = self._analytic(batch, rows, coefficients[rows], context)
-            stash(context.stats, "opd/divergence", per_token.sum(), rows.sum())
+            key = "divergence"
         else:
             loss, per_token, entropy = self._sampled(batch, rows, coefficients[rows], context)
-            stash(context.stats, "opd/kl_k1", per_token.sum(), rows.sum())
+            key = "kl_k1"
+        stash(context.stats, f"opd/{key}", per_token.sum(), rows.sum())
+        if isinstance(batch.teacher, RoutedTeacher):
+            _stash_per_teacher(context.stats, batch.teacher, rows, per_token, key)
         if weights is not None:
             stash(context.stats, "opd/token_weight", weights[valid].float().sum(), valid.sum())
             stash(context.stats, "opd/selected_share", rows.sum(), valid.sum())

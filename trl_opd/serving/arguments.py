@@ -98,35 +98,7 @@ class ServedTeacherArguments:
                 f"Both `teacher_model_name_or_path`={self.teacher_model_name_or_path!r} and "
                 f"`teacher_model_server_url`={url!r} are set: the teacher is either loaded here or served. Unset one."
             )
-        self._refuse_unserved_signals()
-
-    def _refuse_unserved_signals(self) -> None:
-        backend = self.teacher_server_backend
-        given = BACKEND_SIGNALS[backend]
-        for signal, reason in needed_signals(self):
-            if signal in given:
-                continue
-            others = [BACKEND_NAMES[name] for name, signals in BACKEND_SIGNALS.items() if signal in signals]
-            where = f"; {' or '.join(others)} can" if others else "; no served teacher can: load the teacher locally"
-            raise ValueError(
-                f"{reason} needs {_SIGNAL_WORDS[signal]}, which {BACKEND_NAMES[backend]} cannot return{where} "
-                f"(teacher_server_backend={'|'.join(BACKENDS)})."
-            )
-        fixed = FIXED_TEMPERATURE.get(backend)
-        temperature = _teacher_temperature(self)
-        if fixed is not None and temperature != fixed:
-            raise ValueError(
-                f"{BACKEND_NAMES[backend]} returns log-probs at temperature {fixed}, but this config reads the teacher at "
-                f"{temperature} (`distillation_temperature`, else `temperature`). Set it to {fixed}, or use "
-                f"{BACKEND_NAMES['trl_opd']} (any temperature)."
-            )
-        if backend == "vllm" and getattr(self, "loss_top_k", None) is not None:
-            if self.loss_top_k > self.teacher_server_top_k:
-                raise ValueError(
-                    f"loss_top_k={self.loss_top_k} exceeds teacher_server_top_k={self.teacher_server_top_k}, the "
-                    "log-probs per token asked of vLLM: raise teacher_server_top_k (and vLLM's --max-logprobs)."
-                )
-
+        refuse_unserved_signals(self, self.teacher_server_backend, self.teacher_server_top_k)
 
 _SIGNAL_WORDS = {
     "sampled": "the teacher's log-prob of each sampled token",
@@ -135,6 +107,34 @@ _SIGNAL_WORDS = {
     "layers": "the teacher's hidden states at chosen layers",
     "generate": "the teacher to generate completions",
 }
+
+
+def refuse_unserved_signals(config, backend: str, top_k: int, where: str = "") -> None:
+    """A ValueError when `config`'s method needs a signal `backend` cannot return (naming the backends that can), or
+    reads it at a temperature or top-k it cannot serve. `where` prefixes the message (one of several teachers)."""
+    given, prefix = BACKEND_SIGNALS[backend], f"{where}: " if where else ""
+    for signal, reason in needed_signals(config):
+        if signal in given:
+            continue
+        others = [BACKEND_NAMES[name] for name, signals in BACKEND_SIGNALS.items() if signal in signals]
+        remedy = f"; {' or '.join(others)} can" if others else "; no served teacher can: load the teacher locally"
+        raise ValueError(
+            f"{prefix}{reason} needs {_SIGNAL_WORDS[signal]}, which {BACKEND_NAMES[backend]} cannot return{remedy} "
+            f"(teacher_server_backend={'|'.join(BACKENDS)})."
+        )
+    fixed, temperature = FIXED_TEMPERATURE.get(backend), _teacher_temperature(config)
+    if fixed is not None and temperature != fixed:
+        raise ValueError(
+            f"{prefix}{BACKEND_NAMES[backend]} returns log-probs at temperature {fixed}, but this config reads the "
+            f"teacher at {temperature} (`distillation_temperature`, else `temperature`). Set it to {fixed}, or use "
+            f"{BACKEND_NAMES['trl_opd']} (any temperature)."
+        )
+    loss_top_k = getattr(config, "loss_top_k", None)
+    if backend == "vllm" and loss_top_k is not None and loss_top_k > top_k:
+        raise ValueError(
+            f"{prefix}loss_top_k={loss_top_k} exceeds teacher_server_top_k={top_k}, the log-probs per token asked of "
+            "vLLM: raise teacher_server_top_k (and vLLM's --max-logprobs)."
+        )
 
 
 def _teacher_temperature(config) -> float:

@@ -20,6 +20,7 @@ from ..reduction import REDUCTIONS as LOSS_REDUCTIONS
 from ..serving.arguments import ServedTeacherArguments
 from ..weighting import EVIDENCE_MODES, POSITION_DIRECTIONS, TIP_SCOPES, TIP_STRATEGIES
 from .oprd import RepresentationArguments
+from .routing import validate_teachers
 from .aligned_prompts import resolve_aligned_prompt_template
 from .self_distillation import SELF_TEACHER, resolve_teacher_prompt_template
 from .support import refuse_unsupported
@@ -324,6 +325,17 @@ class OPDConfig(ServedTeacherArguments, RepresentationArguments, DistillationCon
         aapa_start_step (`int`, defaults to `0`), aapa_ramp_steps (`int`, defaults to `0`):
             Staged AAPA: weight 0 before optimizer step `aapa_start_step`, then a linear ramp to `aapa_weight` over
             `aapa_ramp_steps` steps (0: at once).
+
+        > Several teachers (MOPD; `trl_opd.trainers.routing`)
+
+        teachers (`dict` or `None`, defaults to `None`):
+            Teachers by name, each `{"teacher_model_name_or_path": ...}` (loaded here) or
+            `{"teacher_model_server_url": ..., "teacher_server_backend": ..., "teacher_server_top_k": ...}`
+            (served); every teacher shares the student's tokenizer. Each row's `teacher_id_column` names its teacher.
+            Logs `teachers/<name>/divergence` (or `kl_k1`) and `teachers/<name>/token_share`. Not with OPRD or
+            `seq_kd`. A JSON object on the command line.
+        teacher_id_column (`str`, defaults to `"teacher_id"`):
+            The dataset column that names each row's teacher, with `teachers`.
     """
 
     beta: float = field(
@@ -445,6 +457,13 @@ class OPDConfig(ServedTeacherArguments, RepresentationArguments, DistillationCon
     aapa_ramp_steps: int = field(
         default=0, metadata={"help": "Steps of the linear ramp of the anchor weight from 0 to aapa_weight."}
     )
+    teachers: dict | str | None = field(
+        default=None, metadata={"help": "Several teachers by name (MOPD): name -> {teacher_model_name_or_path: ...} "
+                                        "or {teacher_model_server_url: ..., teacher_server_backend: ...}."}
+    )
+    teacher_id_column: str = field(
+        default="teacher_id", metadata={"help": "Dataset column naming each row's teacher (with `teachers`)."}
+    )
 
     trainer_name = "OPDTrainer"  # not a field: the trainer `support.refuse_unsupported` checks this config against
 
@@ -498,7 +517,8 @@ class OPDConfig(ServedTeacherArguments, RepresentationArguments, DistillationCon
         self._validate_aligned_prompts()
         self._validate_diagnostics()
         AnchorSchedule.from_config(self)  # aapa_weight, aapa_start_step, aapa_ramp_steps
-        self.validate_served_teacher_arguments()  # last: it reads the method's validated fields
+        self.validate_served_teacher_arguments()  # last: they read the method's validated fields
+        validate_teachers(self)
 
     def _validate_aligned_prompts(self) -> None:
         _require_unit_interval("aligned_prompt_ratio", self.aligned_prompt_ratio)

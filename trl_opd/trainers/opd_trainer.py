@@ -30,7 +30,7 @@ from trl.trainer.utils import pad
 
 from ..anchor import AnchorDiscriminator, leave_one_out_advantages
 from ..losses import OutputHead
-from ..objective import CompletionBatch, LocalTeacher, OPDObjective
+from ..objective import CompletionBatch, LocalTeacher, OPDObjective, RoutedTeacher
 from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
 from .aligned_prompts import aligned_prompt
@@ -47,6 +47,7 @@ from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .prompt_checks import check_prompts, text_tokenizer
 from .resume import resolve_resume_from_checkpoint
+from .routing import TeacherRoutes
 from .rows import ALIGNED_STREAM, GUIDED_STREAM, seeded_rows
 from .self_distillation import teacher_prompt
 from ..serving.backends import TeacherRows, TrlOpdTeacher
@@ -61,6 +62,9 @@ from .teacher import (
 )
 
 ROLLOUT_SOURCES = ("student", "teacher", "dataset")
+# What one of several teachers needs of a batch, cut to its own rows.
+_TEACHER_INPUTS = ("prompt_ids", "prompt_mask", "teacher_prompt_ids", "teacher_prompt_mask", "completion_ids",
+                   "completion_mask")
 logger = hf_logging.get_logger(__name__)
 
 
@@ -145,8 +149,11 @@ class _OPDTrainerCore(DistillationTrainer):
         """Every check that needs no weights, so bad input fails before anything is loaded; sets what they decide
         (`_served_teacher`, `_self_teacher`, `_privileged`, `_loss_vocab_size`). A served teacher is asked first: a
         server that is down fails here, with its URL."""
-        self._served_teacher = connect_served_teacher(teacher_model, args)
-        if self._served_teacher is None:
+        self._routes = TeacherRoutes.connect(args)  # several teachers (MOPD): their servers are asked here
+        self._served_teacher = None if self._routes else connect_served_teacher(teacher_model, args)
+        if self._routes is not None and teacher_model is not None:
+            raise ValueError("`teachers` names every teacher of the run: pass no `teacher_model`.")
+        if self._routes is None and self._served_teacher is None:
             check_teacher_argument(teacher_model)
             check_teacher_init_kwargs(teacher_model, args)
         self._self_teacher = args.uses_self_teacher(teacher_model)
@@ -155,7 +162,11 @@ class _OPDTrainerCore(DistillationTrainer):
         check_teacher_context(train_dataset, args, self._privileged)
         # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
         student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
-        if self._served_teacher is not None:
+        if self._routes is not None:
+            for dataset, split in ((train_dataset, "training"), (eval_dataset, "evaluation")):
+                self._routes.check_dataset(dataset, split)
+            self._loss_vocab_size = self._routed_vocab_size(model, student_tokenizer, train_dataset, args)
+        elif self._served_teacher is not None:
             self._loss_vocab_size = served_vocab_size(self._served_teacher, model, student_tokenizer, train_dataset,
                                                       args)
         else:
@@ -164,7 +175,7 @@ class _OPDTrainerCore(DistillationTrainer):
             )
         self._check_prompts(train_dataset, model, teacher_model, student_tokenizer, args)
         check_output_dir(args)
-        if not self._self_teacher and self._served_teacher is None:
+        if not self._self_teacher and self._served_teacher is None and self._routes is None:
             warn_if_teacher_smaller(model, teacher_model, args, args.teacher_model_revision)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -220,11 +231,21 @@ class _OPDTrainerCore(DistillationTrainer):
             )
         return len(student_tokenizer)
 
+    def _routed_vocab_size(self, model, student_tokenizer, train_dataset, args: OPDConfig) -> int | None:
+        """One compared vocabulary for every routed teacher: the whole heads when all match the student's, else the
+        tokenizer's length (each teacher checked as the single teacher is)."""
+        sizes = [served_vocab_size(route.served, model, student_tokenizer, train_dataset, args)
+                 if route.served is not None else self._shared_vocab_size(model, route.path, student_tokenizer, args)
+                 for route in self._routes.routes]
+        return None if all(size is None for size in sizes) else len(student_tokenizer)
+
     def _check_prompts(self, train_dataset, model, teacher_model, student_tokenizer, args: OPDConfig) -> None:
         """Every training prompt is well formed and leaves room for `max_completion_length` tokens in both models'
         context (see `check_prompts`); the student's chat-template arguments apply."""
         models = [(model, None)]
-        if not self._self_teacher and self._served_teacher is None:
+        if self._routes is not None:
+            models += [(route.path, None) for route in self._routes.routes if route.path is not None]
+        elif not self._self_teacher and self._served_teacher is None:
             models.append((teacher_model, args.teacher_model_revision))
         check_prompts(train_dataset, models, student_tokenizer, args,
                       {**(args.chat_template_kwargs or {}), **(args.student_chat_template_kwargs or {})})
@@ -233,7 +254,7 @@ class _OPDTrainerCore(DistillationTrainer):
         """Both LM heads, sliced to the compared vocabulary. The loss reads them chunk by chunk on one device, which
         `__init__` checks once (so a misplaced head fails before training, not at the first step)."""
         student_head = output_head(unwrapped_student, self._loss_vocab_size)
-        if self._served_teacher is not None:  # its head, if any, comes from the server onto the student's device
+        if self._served_teacher is not None or self._routes is not None:  # the teachers' signals bring their heads
             return student_head, None
         teacher_head = output_head(self._unwrapped_teacher(), self._loss_vocab_size)
         if student_head.weight.device != teacher_head.weight.device:
@@ -264,6 +285,11 @@ class _OPDTrainerCore(DistillationTrainer):
         None for a served teacher (`self._served_teacher`)."""
         if self._served_teacher is not None:
             return None
+        if self._routes is not None:
+            for route in self._routes.routes:
+                if route.path is not None:
+                    route.module = prepare_teacher(self, load_teacher(route.path, self.args))
+            return None
         if not self._self_teacher:
             return prepare_teacher(self, load_teacher(teacher_model, self.args))
         if is_peft_model(self.model):
@@ -276,9 +302,9 @@ class _OPDTrainerCore(DistillationTrainer):
         return self.accelerator.unwrap_model(self.teacher_model)
 
     @contextlib.contextmanager
-    def _teacher_forward_context(self):
+    def _teacher_forward_context(self, teacher_model=None):
         """No gradients; for the PEFT self-teacher also the adapter off and dropout off for the forward."""
-        if self.teacher_model is not None:
+        if teacher_model is not None or self.teacher_model is not None:
             with torch.no_grad():
                 yield
             return
@@ -325,6 +351,8 @@ class _OPDTrainerCore(DistillationTrainer):
         loss_mask = self._loss_mask(output)
         output["num_sequences_in_batch"] = self.accelerator.gather((loss_mask.sum(dim=1) > 0).sum()).sum()
         self._metrics[mode]["rollout/on_policy"].append(float(self._rollout_source == "student"))
+        if self._routes is not None:
+            output["teacher_index"] = torch.tensor(self._routes.index_of(inputs), device=self.accelerator.device)
         if self._anchor is not None:
             own_rollouts = [self._rollout_source == "student" and not is_guided for is_guided in guided]
             output["aapa_advantages"] = self._anchor_advantages(output, own_rollouts, mode)
@@ -519,14 +547,18 @@ class _OPDTrainerCore(DistillationTrainer):
         ).last_hidden_state
         return hidden[:, :-1][:, -logits_to_keep:]
 
-    def _teacher_hidden_state(self, inputs, logits_to_keep: int) -> torch.Tensor:
-        unwrapped_teacher = self._unwrapped_teacher()
+    def _teacher_hidden_state(self, inputs, logits_to_keep: int, teacher_model=None) -> torch.Tensor:
+        """The teacher's last hidden states at the completion positions; `teacher_model`: one of several teachers
+        (default: the run's teacher)."""
+        teacher_model = self.teacher_model if teacher_model is None else teacher_model
+        unwrapped_teacher = self._unwrapped_teacher() if teacher_model is None else \
+            self.accelerator.unwrap_model(teacher_model)
         input_ids, attention_mask = self._teacher_sequence(inputs)
-        with self._teacher_forward_context():
-            if self.teacher_model is None:  # PEFT self-teacher: no separate wrapper to route through
+        with self._teacher_forward_context(teacher_model):
+            if teacher_model is None:  # PEFT self-teacher: no separate wrapper to route through
                 return self._hidden_states(unwrapped_teacher, input_ids, attention_mask, logits_to_keep)
             return self._forward_redirection(
-                self.teacher_model,
+                teacher_model,
                 unwrapped_teacher,
                 self._hidden_states,
                 unwrapped_teacher,
@@ -566,9 +598,31 @@ class _OPDTrainerCore(DistillationTrainer):
     def _teacher_signal(self, inputs, width: int, captures: CaptureRequest):
         """What the objective reads of the teacher: its last hidden states (a local teacher's forward), or what its
         server returns (`trl_opd.serving.backends`). Representation-only OPRD reads only the captured layers."""
+        if self._routes is not None:
+            return self._routed_signal(inputs, width)
         if self._served_teacher is None:
             return self._teacher_hidden_state(inputs, width)
-        served, rows = self._served_teacher, self._teacher_rows(inputs)
+        return self._served_signal(self._served_teacher, inputs, width, captures)
+
+    def _routed_signal(self, inputs, width: int) -> RoutedTeacher:
+        """Several teachers: each one's signal on its own rows (`teacher_index`), read by the objective as one."""
+        owner, signals = inputs["teacher_index"], []
+        for index, route in enumerate(self._routes.routes):
+            rows = (owner == index).nonzero().squeeze(1)
+            if len(rows) == 0:
+                signals.append(None)
+                continue
+            own = {key: inputs[key][rows] for key in _TEACHER_INPUTS if key in inputs}
+            if route.served is not None:
+                signals.append(self._served_signal(route.served, own, width, CaptureRequest()))
+            else:
+                head = output_head(self.accelerator.unwrap_model(route.module), self._loss_vocab_size)
+                signals.append(LocalTeacher(self._teacher_hidden_state(own, width, route.module), head))
+        return RoutedTeacher(owner, signals, self._routes.names)
+
+    def _served_signal(self, served, inputs, width: int, captures: CaptureRequest):
+        """What a served teacher returns for these rows (and OPRD's layer states into the capture)."""
+        rows = self._teacher_rows(inputs)
         wants_layers = isinstance(captures.teacher, ServedCapture)
         if isinstance(served, TrlOpdTeacher):
             fetched = served.fetch(rows, **(captures.teacher.request() if wants_layers else {}))

@@ -116,6 +116,7 @@ COMPONENTS = {c.name: c for c in (
                ["logit_weight", "representation_layers", "representation_positions", "representation_last_k",
                 "representation_position_convention", "representation_layer_map", "representation_normalize",
                 "projector", "bridge_rank", "bridge_path", "bridge_fit_prompts", "allow_random_projector"]),
+    _component("teachers", "several teachers routed by a dataset column (MOPD)", ["teachers"], ["teacher_id_column"]),
     # a teacher served by another process (methods.md §0.9)
     _component("served_teacher", "a teacher served by another process (vLLM or trl_opd's server)",
                ["teacher_model_server_url"],
@@ -135,7 +136,7 @@ COMPONENTS = {c.name: c for c in (
 
 _OPD_ONLY = ("divergence", "estimator", "top_k", "clip", "chunked_head", "tip_q3", "tip_importance",
              "tip_scoring_pass", "evidence", "seq_kd", "self_teacher", "guided", "diagnostics", "oprd", "aapa_term",
-             "served_teacher")
+             "served_teacher", "teachers")
 _OPD_FAMILY = tuple(name for name, component in COMPONENTS.items() if component.owner == "OPDConfig") + (
     "served_teacher",)
 
@@ -173,6 +174,7 @@ TRAINERS = {t.name: t for t in (
             "oprd": "its loss never captures hidden states, so the OPRD term and projector would not train",
             "aapa_term": "its segment objective has no anchor term",
             "served_teacher": "its segment rows read the teacher's full completion logits in this process",
+            "teachers": "it distils one teacher with its own tokenizer",
         },
     ),
     Trainer("RLADTrainer", "RLADConfig", "GRPO rewards and a teacher with the student's tokenizer",
