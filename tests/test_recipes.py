@@ -80,6 +80,7 @@ TOY_RUNS = {
     "cold_start": ["--cold_start_num_prompts", "8", "--cold_start_generation_batch_size", "8",
                    "--cold_start_require_correct", "false"],
     "simct": ["--testbed", "smoke_bpe_teacher"],  # a BPE teacher and the character-level student
+    "served_teacher": [],  # the toy teacher served by `trl-opd serve-teacher`, started and stopped by the recipe
 }
 
 

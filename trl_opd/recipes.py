@@ -42,6 +42,9 @@ class RecipeArguments(ScriptArguments):
         EDGE-OPD, whose teacher is the student reading `trl_opd.testbed.context.CONTEXT_TEMPLATE`).
     testbed_train_size: number of training prompts drawn from the task generator.
     testbed_eval_size: number of held-out problems used for the accuracy report (at most 300).
+    serve_teacher: toy only, one process: serve the testbed's teacher with `trl-opd serve-teacher` on a free
+        loopback port for this run (stopped at its end) and train against it (`teacher_server_backend: trl_opd`,
+        `teacher_model_server_url` set to it): the served-teacher set-up on one machine, offline.
     dry_run: parse and validate the YAML and the command line (every config's own checks run), print the
         resolved arguments and exit before loading any model or dataset.
     """
@@ -56,6 +59,10 @@ class RecipeArguments(ScriptArguments):
     )
     testbed_train_size: int = field(default=20000, metadata={"help": "Toy training prompts."})
     testbed_eval_size: int = field(default=300, metadata={"help": "Toy held-out problems for the report."})
+    serve_teacher: bool = field(
+        default=False, metadata={"help": "Toy, one process: serve the testbed teacher (trl-opd serve-teacher) and "
+                                         "train against the server."}
+    )
     dry_run: bool = field(
         default=False, metadata={"help": "Validate the config, print it and exit before loading anything."}
     )
@@ -234,7 +241,35 @@ def _toy_setup(recipe: RecipeArguments, args) -> RecipeSetup:
     eval_problems = testbed.heldout_problems(prepared["task"])[: recipe.testbed_eval_size]
     setup = RecipeSetup(student, teacher, tokenizer, data, eval_problems=eval_problems)
     setup.evaluate("teacher", teacher, teacher_tokenizer)
+    if recipe.serve_teacher:
+        setup.teacher = None  # the trainer asks the server instead
+        _serve_toy_teacher(prepared["teacher"], args)
     return setup
+
+
+def _serve_toy_teacher(teacher_dir, args) -> None:
+    """Start `trl-opd serve-teacher` on the testbed teacher (a free loopback port, stopped at exit) and point the
+    config at it; its checks run again with the server set."""
+    import socket
+    import subprocess
+    import sys
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("serve_teacher starts one server for a one-process toy run; with several processes start "
+                         "`trl-opd serve-teacher` yourself and set teacher_model_server_url.")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "trl_opd.cli", "serve-teacher", str(teacher_dir), "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "float32", "--device", "cpu"]
+    server = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    atexit.register(server.terminate)
+    args.teacher_model_name_or_path = None
+    args.teacher_model_server_url = f"http://127.0.0.1:{port}"
+    args.teacher_server_backend = "trl_opd"
+    args.teacher_server_wait_seconds = max(args.teacher_server_wait_seconds, 120.0)  # the server is starting
+    args.validate_served_teacher_arguments()
+    print(f"[trl_opd] serving the toy teacher at {args.teacher_model_server_url} (pid {server.pid})", flush=True)
 
 
 def save_run(trainer) -> None:
