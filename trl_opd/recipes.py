@@ -242,8 +242,9 @@ def _toy_setup(recipe: RecipeArguments, args) -> RecipeSetup:
     setup = RecipeSetup(student, teacher, tokenizer, data, eval_problems=eval_problems)
     setup.evaluate("teacher", teacher, teacher_tokenizer)
     if recipe.serve_teacher:
-        setup.teacher = None  # the trainer asks the server instead
         _serve_toy_teacher(prepared["teacher"], args)
+    if getattr(args, "served_teacher", False):
+        setup.teacher = None  # the trainer asks the server (started here, or by hand) instead
     return setup
 
 
