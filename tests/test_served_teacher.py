@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from servers import free_port, start_trl_opd_server, stop
 from tiny import cpu_args, prompt_dataset, save_tiny, tiny_model, tiny_tokenizer
-from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig
+from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer
 from trl_opd.losses import SparseTeacherLogits, chunked_token_divergence, fused_divergence_loss, per_token_divergence
 from trl_opd.objective import ServedTeacher
 from trl_opd.serving.http import TeacherServerError
@@ -148,9 +148,7 @@ def test_trl_opd_backend_serves_every_method_but_teacher_generation(tmp_path):
                   lmbda=0.5, seq_kd=True, **cpu_args())
 
 
-def test_simct_and_bad_values_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="SimCTTrainer does not run"):
-        SimCTConfig(output_dir=str(tmp_path), teacher_model_server_url=URL, **cpu_args())
+def test_bad_values_are_refused(tmp_path):
     with pytest.raises(ValueError, match="http"):
         OPDConfig(output_dir=str(tmp_path), teacher_model_server_url="localhost:8000", estimator="k3", **cpu_args())
     with pytest.raises(ValueError, match="teacher_server_backend"):
@@ -338,3 +336,42 @@ def test_a_server_gone_too_long_stops_the_run_which_resumes_with_the_same_losses
     assert sorted(got) == [1, 2, 3, 4]  # steps 1-2 from the checkpoint's history, 3-4 trained after the resume
     for step in (1, 2, 3, 4):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+# ---------------------------------------------------------------- SimCT with a served teacher (its own tokenizer)
+
+
+def test_simct_with_trl_opd_server_gives_the_local_teachers_steps(student, tokenizer, tmp_path):
+    from trl_opd import SimCTConfig, SimCTTrainer
+    from trl_opd.testbed.models import tiny_model as char_level_model
+    from trl_opd.testbed.tokenizers import char_tokenizer
+
+    teacher_tokenizer = char_tokenizer()
+    directory = tmp_path / "char-teacher"
+    char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=1).save_pretrained(directory)
+    teacher_tokenizer.save_pretrained(directory)
+    url, process = start_trl_opd_server(str(directory), tmp_path / "server.log")
+
+    def run(teacher: dict, name: str):
+        args = SimCTConfig(output_dir=str(tmp_path / name), **teacher, **cpu_args(max_steps=2))
+        trainer = SimCTTrainer(copy.deepcopy(student), args=args, train_dataset=prompt_dataset(8),
+                               processing_class=tokenizer, teacher_processing_class=teacher_tokenizer)
+        trainer.train()
+        return logged_steps(trainer)
+
+    try:
+        served = run(served_args(url), "served")
+        with pytest.raises(ValueError, match="another tokenizer"):
+            SimCTTrainer(copy.deepcopy(student), args=SimCTConfig(output_dir=str(tmp_path / "x"), **served_args(url),
+                                                                  **cpu_args()),
+                         train_dataset=prompt_dataset(8), processing_class=tokenizer,
+                         teacher_processing_class=tiny_tokenizer(vocab_size=300))
+    finally:
+        stop(process)
+    local = run({"teacher_model_name_or_path": str(directory)}, "local")
+    for expected, got in zip(local, served):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
+    with pytest.raises(ValueError, match="SimCT .* vLLM server .* cannot return; trl_opd's teacher server"):
+        SimCTConfig(output_dir=str(tmp_path), teacher_model_server_url=URL, **cpu_args())

@@ -146,6 +146,8 @@ def needed_signals(config) -> list[tuple[str, str]]:
     """(signal, the setting that needs it) for everything `config`'s method reads from the teacher."""
     if not hasattr(config, "estimator"):  # RLADConfig: the TRRD ratio reads the sampled token's log-prob only
         return [("sampled", "RLAD's trust-region ratio")]
+    if getattr(config, "trainer_name", None) == "SimCTTrainer":  # segment rows over the teacher's own vocabulary
+        return [("distribution", "SimCT (the teacher's logits over its own vocabulary at every position)")]
     needs = []
     uses_heads = not (config.representation_weight > 0 and config.logit_weight == 0)
     if uses_heads:

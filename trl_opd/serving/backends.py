@@ -116,13 +116,15 @@ class TrlOpdTeacher:
         self.client.check_ready(wait_seconds)
 
     def check_tokenizer(self, tokenizer, probe_text: str) -> None:
-        """The server's tokenizer is the student's (same vocabulary), when the server has one."""
-        info = self.client.info()
-        served = info.get("tokenizer_vocab_size")
-        if served is not None and served != len(tokenizer):
+        """The server's tokenizer has exactly `tokenizer`'s vocabulary (its fingerprint), when the server has one."""
+        from .teacher_server import tokenizer_sha256
+
+        served = self.client.info().get("tokenizer_sha256")
+        if served is not None and served != tokenizer_sha256(tokenizer):
             raise ValueError(
-                f"The teacher served at {self.url} has a tokenizer of {served} tokens, the student's has "
-                f"{len(tokenizer)}: OPDTrainer needs one shared tokenizer (use SimCTTrainer for another)."
+                f"The teacher served at {self.url} has another tokenizer (vocabulary fingerprint {served[:12]}... "
+                f"against {tokenizer_sha256(tokenizer)[:12]}... here, {len(tokenizer)} tokens): the trainer and the "
+                "server must use the same one (OPDTrainer: the student's; SimCTTrainer: teacher_tokenizer_name_or_path)."
             )
 
     @property

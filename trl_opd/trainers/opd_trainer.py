@@ -167,8 +167,7 @@ class _OPDTrainerCore(DistillationTrainer):
                 self._routes.check_dataset(dataset, split)
             self._loss_vocab_size = self._routed_vocab_size(model, student_tokenizer, train_dataset, args)
         elif self._served_teacher is not None:
-            self._loss_vocab_size = served_vocab_size(self._served_teacher, model, student_tokenizer, train_dataset,
-                                                      args)
+            self._loss_vocab_size = self._served_vocab_size(model, student_tokenizer, train_dataset, args)
         else:
             self._loss_vocab_size = None if self._self_teacher else self._shared_vocab_size(
                 model, teacher_model, student_tokenizer, args
@@ -230,6 +229,10 @@ class _OPDTrainerCore(DistillationTrainer):
                 "tokenizer use `trl_opd.SimCTTrainer`."
             )
         return len(student_tokenizer)
+
+    def _served_vocab_size(self, model, student_tokenizer, train_dataset, args: OPDConfig) -> int | None:
+        """The compared vocabulary with a served teacher, after checking that its tokenizer is the student's."""
+        return served_vocab_size(self._served_teacher, model, student_tokenizer, train_dataset, args)
 
     def _routed_vocab_size(self, model, student_tokenizer, train_dataset, args: OPDConfig) -> int | None:
         """One compared vocabulary for every routed teacher: the whole heads when all match the student's, else the

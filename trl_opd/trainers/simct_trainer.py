@@ -34,7 +34,9 @@ from ..cross_tokenizer import align_texts, shared_vocabulary, simct_segments, st
 from ..segment_objective import SegmentBatch, SegmentObjective
 from .dataset_checks import check_teacher_argument
 from .lm_head import output_head
+from ..serving.backends import TeacherRows
 from .opd_trainer import OPDTrainer
+from .served_teacher import probe_text
 from .simct_config import SimCTConfig
 
 
@@ -83,7 +85,8 @@ class SimCTTrainer(OPDTrainer):
         if not isinstance(args, SimCTConfig):
             raise TypeError(f"SimCTTrainer needs a SimCTConfig, got {type(args).__name__}.")
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        check_teacher_argument(teacher_model)
+        if not args.served_teacher:
+            check_teacher_argument(teacher_model)
         if args.uses_self_teacher(teacher_model):
             raise ValueError("teacher_model='self' shares the student's tokenizer: use OPDTrainer for it.")
         # Loaded and checked before any model, so a missing tokenizer, or one without character offsets (a slow,
@@ -105,9 +108,19 @@ class SimCTTrainer(OPDTrainer):
         """The parent's vocabulary-size guard does not apply: the vocabularies are meant to differ."""
         return None
 
+    def _served_vocab_size(self, model, student_tokenizer, train_dataset, args) -> None:
+        """A served teacher's tokenizer must be the one the alignment uses (`teacher_tokenizer_name_or_path`)."""
+        self._served_teacher.check_tokenizer(self.teacher_tokenizer, probe_text(train_dataset))
+        return None
+
     @staticmethod
     def _load_teacher_tokenizer(teacher_model, args: SimCTConfig):
         path = args.teacher_tokenizer_name_or_path
+        if path is None and args.served_teacher:
+            raise ValueError(
+                "A served SimCT teacher needs its tokenizer here for the alignment: set `teacher_tokenizer_name_or_path` "
+                "(the served model's tokenizer) or pass `teacher_processing_class=`."
+            )
         if path is None:
             path = teacher_model if isinstance(teacher_model, str) else teacher_model.config._name_or_path
         if not path:
@@ -235,6 +248,11 @@ class SimCTTrainer(OPDTrainer):
                 "completion_ids": ids,
                 "completion_mask": mask,
             }
+            if self._served_teacher is not None:  # trl_opd's server: its hidden states and its head
+                rows = TeacherRows(prompt_ids, prompt_mask, ids, mask)
+                teacher = self._served_teacher.signal(rows, temperature=self.distillation_temperature,
+                                                      vocab_size=None)
+                return teacher.head.logits(teacher.hidden).float()
             hidden = self._teacher_hidden_state(teacher_inputs, ids.size(1))
             with torch.no_grad():
                 return output_head(self._unwrapped_teacher()).logits(hidden).float()

@@ -136,7 +136,7 @@ COMPONENTS = {c.name: c for c in (
 
 _OPD_ONLY = ("divergence", "estimator", "top_k", "clip", "chunked_head", "tip_q3", "tip_importance",
              "tip_scoring_pass", "evidence", "seq_kd", "self_teacher", "guided", "diagnostics", "oprd", "aapa_term",
-             "served_teacher", "teachers")
+             "teachers")
 _OPD_FAMILY = tuple(name for name, component in COMPONENTS.items() if component.owner == "OPDConfig") + (
     "served_teacher",)
 
@@ -173,7 +173,6 @@ TRAINERS = {t.name: t for t in (
             "diagnostics": "the overlap statistics compare both models' top-k over one vocabulary",
             "oprd": "its loss never captures hidden states, so the OPRD term and projector would not train",
             "aapa_term": "its segment objective has no anchor term",
-            "served_teacher": "its segment rows read the teacher's full completion logits in this process",
             "teachers": "it distils one teacher with its own tokenizer",
         },
     ),
