@@ -745,6 +745,78 @@ def _(tmp_path, model_dirs):
     assert "--top-p 1.5: must be in (0, 1]" in trl_opd_error("eval", "--model", model_dirs["student"], "--top-p", "1.5")
 
 
+# ---------------------------------------------------------------------------------------------- served teachers
+
+
+def closed_url() -> str:
+    from servers import free_port
+
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@case("served teacher", "a server that is not running (`teacher_model_server_url: http://127.0.0.1:<port>`)",
+      "TeacherServerError before any load: “No vLLM teacher server answers at http://127.0.0.1:… Start it first, "
+      "e.g. `vllm serve TEACHER --port PORT --max-logprobs 20` …”")
+def _(tmp_path, model_dirs):
+    from trl_opd.serving.http import TeacherServerError
+
+    url = closed_url()
+    args = config(tmp_path, teacher_model_server_url=url, estimator="k3")
+    raises(TeacherServerError, f"No vLLM teacher server answers at {url}",
+           lambda: OPDTrainer(model_dirs["student"], args=args, train_dataset=prompt_dataset(8)))
+
+
+@case("served teacher", "the full-vocabulary loss with a vLLM teacher (no `loss_top_k`)",
+      "ValueError at construction: “the full-vocabulary divergence (loss_top_k=None) needs the teacher's whole "
+      "next-token distribution, which a vLLM server … cannot return; trl_opd's teacher server … can …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "cannot return; trl_opd's teacher server", lambda: config(
+        tmp_path, teacher_model_server_url="http://127.0.0.1:9"))
+
+
+@case("served teacher", "a temperature other than 1 with a vLLM teacher (`temperature: 0.7`, `estimator: k3`)",
+      "ValueError at construction: “a vLLM server … returns log-probs at temperature 1.0, but this config reads the "
+      "teacher at 0.7 …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "returns log-probs at temperature 1.0, but this config reads the teacher at 0.7",
+           lambda: config(tmp_path, teacher_model_server_url="http://127.0.0.1:9", estimator="k3", temperature=0.7))
+
+
+@case("served teacher", "both a local and a served teacher (`teacher_model_name_or_path` and "
+      "`teacher_model_server_url`)", "ValueError at construction: “… the teacher is either loaded here or served. "
+      "Unset one.”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "either loaded here or served", lambda: config(
+        tmp_path, teacher_model_server_url="http://127.0.0.1:9", estimator="k3",
+        teacher_model_name_or_path=model_dirs["teacher"]))
+
+
+@case("served teacher", "a URL without a scheme (`teacher_model_server_url: localhost:8000`)",
+      "ValueError at construction: “`teacher_model_server_url` must be an http(s) URL like http://localhost:8000 …”")
+def _(tmp_path, model_dirs):
+    raises(ValueError, "must be an http(s) URL", lambda: config(
+        tmp_path, teacher_model_server_url="localhost:8000", estimator="k3"))
+
+
+@case("several teachers", "a dataset without the `teacher_id` column",
+      "ValueError before any load: “The training dataset has no `teacher_id` column (teacher_id_column): with several "
+      "teachers each row names its teacher, one of […]”")
+def _(tmp_path, model_dirs):
+    args = config(tmp_path, teachers={"a": {"teacher_model_name_or_path": model_dirs["teacher"]}})
+    raises(ValueError, "has no `teacher_id` column", lambda: OPDTrainer(
+        model_dirs["student"], args=args, train_dataset=prompt_dataset(8)))
+
+
+@case("several teachers", "a row naming a teacher that is not in `teachers` (`teacher_id: algebr`)",
+      "ValueError before any load: “The training dataset's `teacher_id` holds ['algebr'], which are not teachers of "
+      "this run; `teachers` names […]”")
+def _(tmp_path, model_dirs):
+    args = config(tmp_path, teachers={"algebra": {"teacher_model_name_or_path": model_dirs["teacher"]}})
+    data = prompt_dataset(8).add_column("teacher_id", ["algebra"] * 7 + ["algebr"])
+    raises(ValueError, r"holds ['algebr'], which are not teachers", lambda: OPDTrainer(
+        model_dirs["student"], args=args, train_dataset=data))
+
+
 # ---------------------------------------------------------------------------------------------- the tests
 
 

@@ -375,3 +375,36 @@ def test_simct_with_trl_opd_server_gives_the_local_teachers_steps(student, token
             assert got[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-9), key
     with pytest.raises(ValueError, match="SimCT .* vLLM server .* cannot return; trl_opd's teacher server"):
         SimCTConfig(output_dir=str(tmp_path), teacher_model_server_url=URL, **cpu_args())
+
+
+# ---------------------------------------------------------------- vLLM answers that cannot be used
+
+
+def vllm_entries(ranked: list[tuple[int, float]], actual: int) -> dict:
+    """One position of vLLM's `prompt_logprobs`: {id: {"logprob", "rank"}} (the actual id added when off the top)."""
+    entries = {str(token): {"logprob": logprob, "rank": rank} for rank, (token, logprob) in enumerate(ranked, 1)}
+    entries.setdefault(str(actual), {"logprob": -9.0, "rank": 99})
+    return entries
+
+
+def test_vllm_answers_of_the_wrong_shape_are_errors():
+    from trl_opd.serving.http import TeacherResponseError
+    from trl_opd.serving.vllm_client import VLLMTeacherClient
+
+    client = VLLMTeacherClient("http://127.0.0.1:9", model="teacher")
+    out = {"sampled_logprobs": torch.zeros(1, 2), "top_k_ids": torch.full((1, 2, 2), -1),
+           "top_k_logprobs": torch.zeros(1, 2, 2)}
+    good = [None, vllm_entries([(3, -0.5), (4, -1.5)], 4), vllm_entries([(5, -0.1), (6, -3.0)], 7)]
+    client._fill_row(out, 0, good, prompt_length=1, completion=[4, 7], top_k=2, vocab_size=8)
+    assert out["top_k_ids"].tolist() == [[[3, 4], [5, 6]]] and out["sampled_logprobs"].tolist() == [[-1.5, -9.0]]
+    with pytest.raises(TeacherResponseError, match="prompt log-probs for 2 positions of a 3-token sequence"):
+        client._fill_row(out, 0, good[:2], prompt_length=1, completion=[4, 7], top_k=2, vocab_size=8)
+    with pytest.raises(TeacherResponseError, match="below 8, the compared vocabulary"):
+        client._fill_row(out, 0, [None, vllm_entries([(3, -0.5), (9, -1.5)], 3), good[2]], prompt_length=1,
+                         completion=[3, 7], top_k=2, vocab_size=8)
+    with pytest.raises(TeacherResponseError, match="did not score the sequence's own token 5"):
+        client._fill_row(out, 0, [None, {"3": {"logprob": -0.5, "rank": 1}}, good[2]], prompt_length=1,
+                         completion=[5, 7], top_k=1, vocab_size=8)
+    with pytest.raises(TeacherResponseError, match="need 2 ids"):
+        client._fill_row(out, 0, [None, vllm_entries([(3, -0.5)], 3), good[2]], prompt_length=1,
+                         completion=[3, 7], top_k=2, vocab_size=8)
