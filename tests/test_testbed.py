@@ -457,3 +457,65 @@ def test_generation_needs_left_padding(tokenizers):
     tokenizer.padding_side = "right"
     with pytest.raises(ValueError, match="left"):
         evaluation.generate_completions(ScriptedModel(tokenizer, {}), tokenizer, ["Compute 1+2.\n"])
+
+
+# ---------------------------------------------------------------------------------------------------- shipped pair
+
+
+def shipped_paths() -> dict:
+    """The README toy's pair (multistrategy, seed 0) as `prepare` finds it: the checkpoints shipped with the package."""
+    return prepare("multistrategy", seed=0, show_progress=False)
+
+
+def test_the_toy_pair_ships_with_the_package_and_trains_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("TRL_OPD_CACHE", str(tmp_path))  # an empty cache: a fresh machine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shipped toy pair was retrained")
+
+    monkeypatch.setattr(training, "sft", refuse)
+    paths = shipped_paths()
+    for role in ("teacher", "student"):
+        assert paths[role].startswith(str(training.SHIPPED_DIR)), paths[role]
+        assert read_metadata(paths[role])["key"] in paths[role]
+    assert not any(tmp_path.iterdir())
+
+
+def test_builds_are_reproducible_bit_for_bit(tmp_path):
+    """Two cache-miss builds of the same entry (on one thread, whatever the caller's thread count) are equal."""
+    torch.set_num_threads(2)
+    try:
+        first = build_teacher(MAIN, TINY_MODEL, seed=0, cache_dir=tmp_path / "a", training=TINY_TRAINING,
+                              show_progress=False)
+    finally:
+        torch.set_num_threads(1)
+    second = build_teacher(MAIN, TINY_MODEL, seed=0, cache_dir=tmp_path / "b", training=TINY_TRAINING,
+                           show_progress=False)
+    assert_same_weights(first, second)
+
+
+def assert_same_weights(first: str, second: str) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(f"{first}/model.safetensors"), load_file(f"{second}/model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_a_cache_miss_build_gives_the_shipped_pair_and_its_figures(monkeypatch, tmp_path):
+    """Rebuilding the toy pair from scratch (minutes) gives the shipped weights bit for bit, so the same before/after
+    figures; on another kind of CPU (another SIMD width) a build may differ in the last bits, which is why the pair
+    ships."""
+    shipped_with = read_metadata(shipped_paths()["teacher"])["built_with"]
+    if shipped_with != training.build_conditions():
+        pytest.skip(f"the shipped pair was built with {shipped_with}, this machine builds with "
+                    f"{training.build_conditions()}: a rebuild may differ in the last bits")
+    monkeypatch.setenv("TRL_OPD_BUILD_TESTBED", "1")
+    built = prepare("multistrategy", seed=0, cache_dir=tmp_path, show_progress=False)
+    monkeypatch.delenv("TRL_OPD_BUILD_TESTBED")
+    shipped = shipped_paths()
+    for role in ("teacher", "student"):
+        assert_same_weights(built[role], shipped[role])
+        assert read_metadata(built[role])["heldout_accuracy"] == read_metadata(shipped[role])["heldout_accuracy"]

@@ -8,6 +8,7 @@ determines it (task, model, training, seed, ``CACHE_VERSION``); later calls retu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
@@ -29,6 +31,9 @@ from trl_opd.testbed.tokenizers import task_tokenizer
 # Bump when a change in this package makes old cached checkpoints stale (task text, tokenizer, training loop).
 CACHE_VERSION = "1"
 METADATA_FILE = "testbed.json"
+# Checkpoints shipped with the package (the README's toy pair), used before the cache; a build is forced with
+# TRL_OPD_BUILD_TESTBED=1 (tests/test_testbed.py rebuilds them and compares bit for bit).
+SHIPPED_DIR = Path(__file__).resolve().parent / "assets"
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,9 @@ def build_model(
         training: default ``DEFAULT_TRAINING[role]``.
         show_progress: progress bar and log lines while training (minutes on a CPU).
 
+    A checkpoint shipped with the package (``SHIPPED_DIR``: the README's toy pair) is returned as it is, unless
+    ``TRL_OPD_BUILD_TESTBED=1``. Builds train on one CPU thread, so that they are reproducible bit for bit.
+
     The directory holds the model, its tokenizer and ``testbed.json`` (see ``read_metadata``). Training
     happens in a temporary sibling directory renamed into place at the end, so an interrupted run never
     leaves an entry that a later call would use; an incomplete entry found in place is rebuilt.
@@ -267,6 +275,9 @@ def build_model(
     model = model or ModelSpec.for_role(role)
     training = training or DEFAULT_TRAINING[role]
     key = cache_key(role, task, model, training, seed)
+    shipped = SHIPPED_DIR / f"{role}-{key}"
+    if os.environ.get("TRL_OPD_BUILD_TESTBED") != "1" and _is_complete(shipped, key):
+        return str(shipped)  # the same weights a build gives on this kind of CPU, without the minutes of training
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     def write(staging: Path) -> None:
@@ -316,7 +327,24 @@ def _publish(staging: Path, entry: Path, is_complete) -> None:
             raise
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """torch on one CPU thread for a build: the summation order of every kernel, hence the weights, no longer depends
+    on the machine's core count (a build is then bit for bit the shipped checkpoint on the same kind of CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _train_and_save(directory: Path, role, task, model_spec, training, seed, show_progress) -> dict:
+    with _one_thread():
+        return _train_and_save_one_thread(directory, role, task, model_spec, training, seed, show_progress)
+
+
+def _train_and_save_one_thread(directory: Path, role, task, model_spec, training, seed, show_progress) -> dict:
     tokenizer = task_tokenizer(model_spec.tokenizer, task)
     model = tiny_model(tokenizer, config_from_spec(model_spec, tokenizer), seed=seed)
     if show_progress:
@@ -361,7 +389,13 @@ def _train_and_save(directory: Path, role, task, model_spec, training, seed, sho
         "validation_accuracy": result.last_accuracy,
         "heldout_accuracy": heldout,
         "num_parameters": model.num_parameters(),
+        "built_with": build_conditions(),
     }
+
+
+def build_conditions() -> dict:
+    """What a bit-for-bit rebuild needs to share with a build: torch's version and the CPU kernels it picks."""
+    return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": 1}
 
 
 # ----------------------------------------------------------------------------------------------------------
