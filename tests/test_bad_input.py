@@ -817,6 +817,22 @@ def _(tmp_path, model_dirs):
         model_dirs["student"], args=args, train_dataset=data))
 
 
+# ---------------------------------------------------------------------------------------------- engines
+
+
+@case("sharding engine", "DeepSpeed ZeRO-3 with OPDTrainer (`--accelerate_config zero3`)",
+      "ValueError before any load: “OPDTrainer does not run under DeepSpeed ZeRO-3: ZeRO-3 partitions the LM heads … "
+      "Use ZeRO-2 (`--accelerate_config zero2` …) or FSDP2 …”")
+def _(tmp_path, model_dirs):
+    from unittest import mock
+
+    args = config(tmp_path)  # built first: with these variables set, TrainingArguments needs deepspeed installed
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}  # what accelerate launch sets
+    with mock.patch.dict(os.environ, env):
+        raises(ValueError, "does not run under DeepSpeed ZeRO-3", lambda: OPDTrainer(
+            model_dirs["student"], model_dirs["teacher"], args=args, train_dataset=prompt_dataset(8)))
+
+
 # ---------------------------------------------------------------------------------------------- the tests
 
 
