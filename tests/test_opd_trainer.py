@@ -334,3 +334,20 @@ def test_aapa_term_is_refused_where_it_cannot_run(anchor_path):
             OPDConfig(output_dir="unused", aapa_discriminator_path=anchor_path, **cpu_args(**settings))
     with pytest.raises(ValueError, match="aapa_start_step"):
         OPDConfig(output_dir="unused", aapa_discriminator_path=anchor_path, aapa_start_step=-1, **cpu_args())
+
+
+def test_a_teacher_given_by_path_loads_in_its_own_dtype_like_trls(tmp_path):
+    """Issue 18: with `teacher_model_init_kwargs` unset, DistillationTrainer loads the teacher with transformers'
+    default dtype (the checkpoint's: bf16 for real checkpoints); OPDTrainer loaded it in float32 (twice the memory)."""
+    tokenizer = tiny_tokenizer()
+    teacher_dir = tmp_path / "bf16-teacher"
+    tiny_model(tokenizer, hidden=48, seed=1).to(torch.bfloat16).save_pretrained(teacher_dir)
+    tokenizer.save_pretrained(teacher_dir)
+    dtypes = {}
+    for name, config_class, trainer_class in (("trl", DistillationConfig, DistillationTrainer),
+                                              ("ours", OPDConfig, OPDTrainer)):
+        args = config_class(output_dir=str(tmp_path / name), **cpu_args())
+        trainer = trainer_class(tiny_model(tokenizer), str(teacher_dir), args=args, train_dataset=prompt_dataset(8),
+                                processing_class=tokenizer)
+        dtypes[name] = next(trainer.accelerator.unwrap_model(trainer.teacher_model).parameters()).dtype
+    assert dtypes == {"trl": torch.bfloat16, "ours": torch.bfloat16}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 
+import torch
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 from trl.models import prepare_deepspeed
@@ -91,6 +92,11 @@ def load_teacher(teacher_model, args):
     if not isinstance(teacher_model, str):
         return teacher_model
     init_kwargs = dict(args.teacher_model_init_kwargs or {})
+    # As trl.DistillationTrainer: an unset dtype is transformers' default ("auto", the checkpoint's own dtype), not
+    # create_model_from_path's float32, which doubled a bf16 teacher's memory (issue 18: 19.0 vs 16.0 GiB with
+    # Qwen3-1.7B) and its start-up (the upcast).
+    dtype = init_kwargs.get("dtype")
+    init_kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if args.teacher_model_revision is not None:
         init_kwargs.setdefault("revision", args.teacher_model_revision)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
