@@ -58,6 +58,8 @@ from .teacher import (
     load_teacher,
     model_config,
     prepare_teacher,
+    same_tokenizer_files,
+    student_processing_class,
     try_tokenizer,
     warn_if_teacher_smaller,
 )
@@ -118,6 +120,7 @@ class _OPDTrainerCore(DistillationTrainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # GKD's `messages` datasets: split each conversation into prompt/completion (checked, before any load).
         train_dataset, eval_dataset = conversations_to_prompts(train_dataset, eval_dataset)
+        processing_class = processing_class or student_processing_class(model, args)  # TRL's own load, done once
         self._check_before_loading(model, teacher_model, train_dataset, eval_dataset, processing_class, args)
         self._anchor = AnchorDiscriminator.load(args.aapa_discriminator_path) if args.aapa_discriminator_path else None
 
@@ -163,7 +166,7 @@ class _OPDTrainerCore(DistillationTrainer):
         check_datasets(train_dataset, eval_dataset, args)
         check_teacher_context(train_dataset, args, self._privileged)
         # Loaded once for both checks (a real tokenizer takes about a second); the parent loads its own as before.
-        student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))
+        student_tokenizer = text_tokenizer(processing_class)
         if self._routes is not None:
             for dataset, split in ((train_dataset, "training"), (eval_dataset, "evaluation")):
                 self._routes.check_dataset(dataset, split)
@@ -196,7 +199,8 @@ class _OPDTrainerCore(DistillationTrainer):
         student_vocab = model_config(model, args).get_text_config().vocab_size
         teacher_config = model_config(teacher_model, args, args.teacher_model_revision)
         teacher_vocab = teacher_config.get_text_config().vocab_size
-        teacher_tokenizer = text_tokenizer(try_tokenizer(teacher_model, args))
+        teacher_tokenizer = student_tokenizer if same_tokenizer_files(model, teacher_model) else \
+            text_tokenizer(try_tokenizer(teacher_model, args))
         if student_tokenizer is not None and teacher_tokenizer is not None:
             if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
                 raise ValueError(

@@ -10,7 +10,7 @@ import glob
 import os
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer
 from transformers.utils import logging as hf_logging
 from trl.models import prepare_deepspeed
 from trl.models.utils import prepare_fsdp
@@ -75,6 +75,41 @@ def try_tokenizer(model, args):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError):
         return None
+
+
+def student_processing_class(model, args):
+    """The processing class `trl.DistillationTrainer` loads for `model` when it gets none (the same call), so that
+    the checks before loading and the trainer share one load (a second costs about a second for Qwen3's tokenizer);
+    None when the model has none."""
+    if isinstance(model, str):
+        name, revision = model, (args.model_init_kwargs or {}).get("revision")
+    else:
+        name, revision = getattr(model.config, "_name_or_path", ""), None
+    if not name:
+        return None
+    try:
+        return AutoProcessor.from_pretrained(name, revision=revision, truncation_side="left", padding_side="left",
+                                             trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def same_tokenizer_files(first, second) -> bool:
+    """Both models are local directories whose saved tokenizer files are byte for byte the same (then their
+    tokenizers are, without loading the second)."""
+    if not (isinstance(first, str) and isinstance(second, str) and os.path.isdir(first) and os.path.isdir(second)):
+        return False
+    for name in _TOKENIZER_FILES:
+        paths = (os.path.join(first, name), os.path.join(second, name))
+        if not all(os.path.isfile(path) for path in paths):
+            return False
+        with open(paths[0], "rb") as one, open(paths[1], "rb") as other:
+            if one.read() != other.read():
+                return False
+    return True
 
 
 def check_teacher_init_kwargs(teacher_model, args) -> None:
