@@ -51,15 +51,25 @@ def prompts():
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": row["problem"]}] for row in rows]})
 
 
+# OPDTrainer with a method switched on (issue 18: "the same bench with TIP, top-k and OPRD").
+METHODS = {
+    "opd": {},
+    "opd+tip": {"token_selection": "tip_soft_or", "token_ratio": 0.5},
+    "opd+top_k": {"loss_top_k": 64},
+    "opd+oprd": {"representation_weight": 0.01, "representation_layers": "last", "projector": "linear"},
+}
+
+
 def run_one(trainer_name: str, student: str, teacher: str) -> dict:
     """In this (fresh) process: build the trainer, train 2 steps; start-up seconds and peak RSS."""
     from trl import DistillationConfig, DistillationTrainer
 
     from trl_opd import OPDConfig, OPDTrainer
 
-    config_class, trainer_class = {"trl": (DistillationConfig, DistillationTrainer),
-                                   "opd": (OPDConfig, OPDTrainer)}[trainer_name]
-    args = config_class(output_dir=f"/tmp/real-shapes-{trainer_name}", use_cpu=True, bf16=False, report_to="none",
+    config_class, trainer_class = (DistillationConfig, DistillationTrainer) if trainer_name == "trl" else \
+        (OPDConfig, OPDTrainer)
+    method = {} if trainer_name == "trl" else METHODS[trainer_name]
+    args = config_class(**method, output_dir=f"/tmp/real-shapes-{trainer_name}", use_cpu=True, bf16=False, report_to="none",
                         save_strategy="no", gradient_checkpointing=False, max_steps=2, per_device_train_batch_size=2,
                         max_completion_length=16, learning_rate=1e-6, logging_steps=1, disable_tqdm=True, seed=0)
     dataset = prompts()
@@ -77,6 +87,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teachers", nargs="+", default=["Qwen3-0.6B", "Qwen3-1.7B"])
     parser.add_argument("--student", default="Qwen3-0.6B")
+    parser.add_argument("--methods", nargs="+", default=["opd"], choices=list(METHODS),
+                        help="OPDTrainer variants measured after TRL's trainer, for each teacher")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "trl_opd" / "real-shapes"))
     parser.add_argument("--one", nargs=3, metavar=("TRAINER", "STUDENT", "TEACHER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -88,7 +100,7 @@ def main() -> None:
     rows = []
     for teacher_name in args.teachers:
         teacher = model_dir(teacher_name, cache)
-        for trainer_name in ("trl", "opd"):
+        for trainer_name in ("trl", *args.methods):
             command = [sys.executable, __file__, "--one", trainer_name, str(student), str(teacher)]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
             finished = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
@@ -104,7 +116,8 @@ def write(rows: list[dict], args) -> None:
     import trl
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python bench/bench_real_shapes.py --teachers " + " ".join(args.teachers),
+    meta = {"command": "python bench/bench_real_shapes.py --teachers " + " ".join(args.teachers)
+            + " --methods " + " ".join(args.methods),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared with other jobs)",
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__}}
     (RESULTS / "real_shapes_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -118,9 +131,11 @@ def write(rows: list[dict], args) -> None:
                      f"{row['teacher_dtype']} | {', '.join(f'{loss:.6f}' for loss in row['losses'])} |")
     lines += ["", "Ratios OPDTrainer / DistillationTrainer:", ""]
     for teacher in dict.fromkeys(row["teacher"] for row in rows):
-        pair = {row["trainer"]: row for row in rows if row["teacher"] == teacher}
-        lines.append(f"* {teacher} teacher: peak RSS {pair['opd']['peak_rss_gib'] / pair['trl']['peak_rss_gib']:.2f}x, "
-                     f"start-up {pair['opd']['startup_s'] / max(pair['trl']['startup_s'], 0.1):.2f}x")
+        runs = {row["trainer"]: row for row in rows if row["teacher"] == teacher}
+        for method in args.methods:
+            lines.append(f"* {teacher} teacher, {method}: peak RSS "
+                         f"{runs[method]['peak_rss_gib'] / runs['trl']['peak_rss_gib']:.2f}x, start-up "
+                         f"{runs[method]['startup_s'] / max(runs['trl']['startup_s'], 0.1):.2f}x")
     (RESULTS / "real_shapes_cpu.md").write_text("\n".join(lines) + "\n")
 
 

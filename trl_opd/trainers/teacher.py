@@ -6,6 +6,8 @@ Shared by OPDTrainer (and SimCTTrainer) and RLADTrainer, whose configs carry the
 
 from __future__ import annotations
 
+import copy
+import functools
 import glob
 import os
 
@@ -29,13 +31,29 @@ def model_config(model, args, revision: str | None = None):
                 else " Pass the directory that `save_pretrained` wrote (it holds config.json and the weights).")
         raise ValueError(f"{model!r} is a directory but not a model directory: it has no config.json.{hint}")
     try:
-        return AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+        return copy.deepcopy(_read_config(model, revision, args.trust_remote_code, _stamp(model)))
     except OSError as error:
         raise ValueError(
             f"Could not load the model config of {model!r}: it is not a local directory with a config.json, "
             f"and the Hub could not provide it ({error}). Check the path or Hub id, `revision`, and "
             "HF_HUB_OFFLINE."
         ) from error
+
+
+def _stamp(path: str):
+    """A local config file's modification time and size (a directory saved again is read again); None for Hub ids."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        return None
+    stat = os.stat(config_file)
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=32)
+def _read_config(path: str, revision: str | None, trust_remote_code: bool, stamp):
+    """The checks before loading read each model's config several times (vocabulary, prompt lengths, sizes): once
+    from disk or the Hub per process and file version (a copy is handed out, so no caller changes the cached one)."""
+    return AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
 def _step(path: str) -> int:
