@@ -201,7 +201,7 @@ class _OPDTrainerCore(DistillationTrainer):
         teacher_vocab = teacher_config.get_text_config().vocab_size
         teacher_tokenizer = student_tokenizer if same_tokenizer_files(model, teacher_model) else \
             text_tokenizer(try_tokenizer(teacher_model, args))
-        if student_tokenizer is not None and teacher_tokenizer is not None:
+        if student_tokenizer is not None and teacher_tokenizer not in (None, student_tokenizer):
             if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
                 raise ValueError(
                     _trl_vocab_words(student_vocab, teacher_vocab)
