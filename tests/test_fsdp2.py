@@ -1,9 +1,12 @@
-"""FSDP2 (issue 17 item 1, in part): the LM-head passes of the OPD objective under torch's `fully_shard` on 2 CPU
-processes (gloo) give the 1-process results on the same global batch: TIP + top-k loss + OPRD + diagnostics, and the
-sampled-token k3 estimator with the evidence mask (losses and every gradient); the diagnostics pass outside a forward
-reads heads that FSDP2 keeps sharded (DTensors), gathered once each. The harness is tests/fsdp2_head_run.py: it
-shards the models itself (accelerate's FSDP plugin, launched on a CPU-only machine, comes up non-distributed, so
-the trainers' own FSDP2 path is not run here).
+"""FSDP2 (issue 17 item 1, in part) on 2 CPU processes (gloo), against one process on the same global batch:
+
+* the LM-head passes of the OPD objective under torch's `fully_shard` (tests/fsdp2_head_run.py shards the models
+  itself): TIP + top-k loss + OPRD + diagnostics, and the sampled-token k3 estimator with the evidence mask (losses
+  and every gradient); the diagnostics pass outside a forward reads heads that FSDP2 keeps sharded (DTensors),
+  gathered once each;
+* OPDTrainer itself on accelerate's FSDP2 path (tests/fsdp2_trainer_run.py; accelerate takes that path only on
+  accelerator devices, so the script switches the accelerator to FSDP2 after its creation): TIP + top-k + OPRD,
+  the same losses and weights after 2 steps. SimCTTrainer and RLADTrainer under FSDP2 are not tested yet.
 """
 
 from __future__ import annotations
@@ -42,3 +45,30 @@ def test_sharded_heads_give_the_one_process_loss_and_gradients(results, setting)
     assert result["head_gathers"] == 0  # inside the forwards FSDP2 holds the root parameters, heads included, whole
     assert result["diagnostics_gathers"] >= 1  # outside, output_head gathered the sharded head(s) once each
     assert result["diagnostics_error"] <= 1e-6
+
+
+TRAINER_SCRIPT = Path(__file__).resolve().parent / "fsdp2_trainer_run.py"
+
+
+@pytest.mark.multiprocess
+def test_opd_trainer_under_accelerates_fsdp2_equals_one_process(tmp_path):
+    """OPDTrainer with TIP + top-k + OPRD on accelerate's FSDP2 path (2 CPU processes x 2 rows, the accelerator
+    switched to FSDP2 after its creation, see the script) against 1 process x 4 rows: the same losses and weights."""
+    from tiny import launch_two_cpu_processes
+
+    single, sharded = tmp_path / "single.json", tmp_path / "fsdp2.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run([sys.executable, str(TRAINER_SCRIPT), "single", str(single)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    launch_two_cpu_processes(TRAINER_SCRIPT, "fsdp2", sharded, timeout=600)
+    one, two = json.loads(single.read_text()), json.loads(sharded.read_text())
+    assert two["sharded"] and two["wrapper"].startswith("FSDP") and two["processes"] == 2
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    assert two["oprd_loss"] == pytest.approx(one["oprd_loss"], rel=1e-5)
+    assert one["weights"].keys() == two["weights"].keys()
+    import torch
+
+    for name in one["weights"]:
+        torch.testing.assert_close(torch.tensor(two["weights"][name]), torch.tensor(one["weights"][name]),
+                                   rtol=0, atol=1e-6, msg=name)
