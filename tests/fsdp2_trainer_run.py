@@ -7,8 +7,11 @@ there the trainer runs accelerate's own FSDP2 preparation (`fully_shard` per dec
 optimizer on the sharded parameters) over gloo, as on GPUs. The method: dataset completions (`lmbda=0`:
 deterministic rollouts), TIP (`tip_divergence_only`, per row: layout-independent), top-k, OPRD at the last layer.
 
-    python tests/fsdp2_trainer_run.py single OUT.json                                        # 1 process x 4 rows
-    accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_trainer_run.py fsdp2 OUT.json   # 2 x 2 rows
+SimCTTrainer runs the same way (dataset completions, a character-level teacher); RLADTrainer samples its rollouts
+per process, so only its run (finite losses, sharded model) is compared, not its values.
+
+    python tests/fsdp2_trainer_run.py single OUT.json [opd|simct|rlad]                                   # 1 x 4 rows
+    accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_trainer_run.py fsdp2 OUT.json [opd|simct|rlad]
 """
 
 import json
@@ -22,36 +25,64 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # 
 from torch.distributed.tensor import DTensor  # noqa: E402
 
 from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
-from trl_opd import OPDConfig, OPDTrainer  # noqa: E402
+from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig, SimCTTrainer  # noqa: E402
+from trl_opd.testbed.models import tiny_model as char_level_model  # noqa: E402
+from trl_opd.testbed.tokenizers import char_tokenizer  # noqa: E402
 
 GLOBAL_BATCH = 4
 SETTINGS = dict(lmbda=0.0, token_selection="tip_divergence_only", token_ratio=0.5, loss_top_k=8,
                 representation_weight=0.01, representation_layers="last")
 
 
-class FSDP2OnCPU(OPDTrainer):
-    """OPDTrainer whose accelerator runs FSDP2 on CPU processes (see the module docstring)."""
+def on_fsdp2(trainer_class):
+    """`trainer_class` whose accelerator runs FSDP2 on CPU processes (see the module docstring)."""
 
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        for state in (self.accelerator.state, PartialState()):  # both singletons carry the type
-            state.distributed_type = DistributedType.FSDP
-        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["Qwen3DecoderLayer"], state_dict_type="SHARDED_STATE_DICT",
-        )
-        self.is_fsdp_enabled = True
+    class FSDP2OnCPU(trainer_class):
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            for state in (self.accelerator.state, PartialState()):  # both singletons carry the type
+                state.distributed_type = DistributedType.FSDP
+            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+                fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
+                transformer_cls_names_to_wrap=["Qwen3DecoderLayer"], state_dict_type="SHARDED_STATE_DICT",
+            )
+            self.is_fsdp_enabled = True
+
+    return FSDP2OnCPU
 
 
-def run(mode: str, out: str) -> None:
+def char_variety_reward(prompts, completions, **kwargs):
+    return [float(len(set(text))) for text in completions]
+
+
+def build(kind: str, mode: str):
     tokenizer = tiny_tokenizer()
     processes = 2 if mode == "fsdp2" else 1
-    args = OPDConfig(output_dir=f"/tmp/fsdp2-trainer-{mode}", **SETTINGS,
-                     **cpu_args(max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes,
-                                max_completion_length=12))
-    trainer_class = FSDP2OnCPU if mode == "fsdp2" else OPDTrainer
-    trainer = trainer_class(tiny_model(tokenizer, seed=0), tiny_model(tokenizer, hidden=32, seed=1), args=args,
-                            train_dataset=prompt_dataset(8), processing_class=tokenizer)
+    common = cpu_args(max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes, max_completion_length=12)
+    output_dir = f"/tmp/fsdp2-trainer-{kind}-{mode}"
+    student = tiny_model(tokenizer, seed=0)
+
+    def wrap(trainer_class):
+        return on_fsdp2(trainer_class) if mode == "fsdp2" else trainer_class
+
+    if kind == "opd":
+        return wrap(OPDTrainer)(student, tiny_model(tokenizer, hidden=32, seed=1),
+                                args=OPDConfig(output_dir=output_dir, **SETTINGS, **common),
+                                train_dataset=prompt_dataset(8), processing_class=tokenizer)
+    if kind == "simct":
+        teacher_tokenizer = char_tokenizer()
+        return wrap(SimCTTrainer)(student, char_level_model(teacher_tokenizer, hidden=32, layers=1, heads=2, seed=1),
+                                  args=SimCTConfig(output_dir=output_dir, lmbda=0.0, **common),
+                                  train_dataset=prompt_dataset(8), processing_class=tokenizer,
+                                  teacher_processing_class=teacher_tokenizer)
+    common.update(num_generations=2, temperature=1.0, generation_batch_size=GLOBAL_BATCH)
+    return wrap(RLADTrainer)(student, char_variety_reward, args=RLADConfig(output_dir=output_dir, **common),
+                             train_dataset=prompt_dataset(8), processing_class=tokenizer,
+                             teacher_model=tiny_model(tokenizer, hidden=48, seed=1))
+
+
+def run(mode: str, out: str, kind: str = "opd") -> None:
+    trainer = build(kind, mode)
     trainer.train()
     model = trainer.model
     weights = {}
@@ -74,4 +105,4 @@ def run(mode: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], sys.argv[2])
+    run(*sys.argv[1:])
