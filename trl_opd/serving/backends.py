@@ -2,26 +2,27 @@
 
     teacher = connect_teacher(args)                      # before any weights load: is it up, same tokenizer?
     teacher.check_tokenizer(student_tokenizer, probe)
-    signal = teacher.signal(rows, temperature=T_d, vocab_size=V)   # per micro-batch: what the objective reads
+    signal = teacher.signal(rows, ...)                   # per micro-batch: what the objective reads
 
 `rows` is a `TeacherRows`: the teacher's prompt ids (left-padded) and the completion ids (right-padded) with their
 masks, exactly what a local teacher's forward gets. `signal` returns what `OPDObjective` reads from a teacher:
 
 * `VLLMTeacher` → `ServedTeacher`: top-k log-probs and the sampled token's log-prob at each completion position;
 * `TrlOpdTeacher` → `LocalTeacher`: the teacher's last hidden states at the completion positions and its LM head
-  (fetched once), so every pass runs as with a local teacher; with OPRD also the hidden states at the requested
-  layers and positions (`layer_states`).
+  (fetched once), so every pass runs as with a local teacher; with OPRD `fetch` also returns the hidden states at
+  the requested layers and positions (`layer_{i}`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from ..losses import check_served_temperature
 from ..objective import LocalTeacher, ServedTeacher
-from .arguments import BACKEND_SIGNALS, needed_signals
+from .arguments import needed_signals
 from .http import RetryPolicy
 from .vllm_client import VLLMTeacherClient
 
@@ -55,8 +56,6 @@ def _policy(args) -> RetryPolicy:
 class VLLMTeacher:
     """A vLLM server: `ServedTeacher` signals (top-k and sampled-token log-probs at T = 1)."""
 
-    signals = BACKEND_SIGNALS["vllm"]
-
     def __init__(self, args):
         self.url = args.teacher_model_server_url
         # Top-k log-probs only when the method reads a distribution; the sampled-token methods ask for none.
@@ -70,11 +69,8 @@ class VLLMTeacher:
     def check_tokenizer(self, tokenizer, probe_text: str) -> None:
         self.client.check_tokenizer(tokenizer, probe_text)
 
-    @property
-    def max_length(self) -> int | None:
-        return self.client.max_model_len
-
     def signal(self, rows: TeacherRows, *, temperature: float, vocab_size: int) -> ServedTeacher:
+        check_served_temperature(1.0, temperature)
         prompts, completions = rows.unpadded()
         served = self.client.completion_logprobs(prompts, completions, top_k=self.top_k,
                                                  width=rows.completion_ids.shape[1], vocab_size=vocab_size)
@@ -101,8 +97,6 @@ class VLLMTeacher:
 class TrlOpdTeacher:
     """trl_opd's teacher server: `LocalTeacher` signals from its hidden states and its head (any temperature)."""
 
-    signals = BACKEND_SIGNALS["trl_opd"]
-
     def __init__(self, args):
         from .trl_opd_client import TrlOpdTeacherClient
 
@@ -110,7 +104,7 @@ class TrlOpdTeacher:
         self.client = TrlOpdTeacherClient(self.url, _policy(args))
         # The hidden states must be computed with the positions the trainer uses for the student (OPDConfig's field).
         self.explicit_position_ids = bool(getattr(args, "explicit_position_ids", False))
-        self._head = None
+        self._heads = {}  # (device, vocab_size) -> the head there: copied once, not once per micro-batch
 
     def check_ready(self, wait_seconds: float) -> None:
         self.client.check_ready(wait_seconds)
@@ -131,17 +125,16 @@ class TrlOpdTeacher:
     def info(self) -> dict:
         return self.client.info()
 
-    @property
-    def max_length(self) -> int | None:
-        return self.client.info().get("max_length")
-
     def head(self, device, vocab_size: int | None):
-        """The teacher's LM head, fetched once, on the student's head device, sliced to the compared vocabulary."""
-        if self._head is None:
-            self._head = self.client.head()
-        head = self._head
-        return type(head)(head.weight.to(device), None if head.bias is None else head.bias.to(device), head.softcap,
-                          head.scale, vocab_size)
+        """The teacher's LM head (fetched once by the client) on `device`, sliced to the compared vocabulary."""
+        key = (torch.device(device), vocab_size)
+        if key not in self._heads:
+            head = self.client.head()
+            self._heads[key] = dataclasses.replace(
+                head, weight=head.weight.to(device), bias=None if head.bias is None else head.bias.to(device),
+                vocab_size=vocab_size,
+            )
+        return self._heads[key]
 
     def fetch(self, rows: TeacherRows, *, layers=(), positions=None) -> dict[str, torch.Tensor]:
         """The server's last hidden states at the completion positions (and OPRD's layers), on the rows' device."""
@@ -160,11 +153,12 @@ class TrlOpdTeacher:
                                 explicit_position_ids=self.explicit_position_ids)
         return out["sampled_logprobs"].to(rows.completion_ids.device)
 
-    def signal(self, rows: TeacherRows, *, temperature: float, vocab_size: int | None, head_device=None,
-               fetched: dict | None = None) -> LocalTeacher:
+    def signal(self, rows: TeacherRows, *, vocab_size: int | None, fetched: dict | None = None) -> LocalTeacher:
+        """The served hidden states and the head, on the rows' device; `fetched`: an answer of `fetch` already asked
+        for (with OPRD's layers). The loss's temperature applies to them as to a local teacher's."""
         fetched = fetched if fetched is not None else self.fetch(rows)
-        device = head_device if head_device is not None else rows.completion_ids.device
-        return LocalTeacher(fetched["last_hidden"].to(device), self.head(device, vocab_size))
+        device = rows.completion_ids.device
+        return LocalTeacher(fetched["last_hidden"], self.head(device, vocab_size))
 
 
 BACKENDS = {"vllm": VLLMTeacher, "trl_opd": TrlOpdTeacher}

@@ -25,7 +25,6 @@ class VLLMTeacherClient:
         self.url = url.rstrip("/")
         self.policy = policy
         self._model = model
-        self._models = None
 
     # ------------------------------------------------------------------ start-up checks
 
@@ -40,16 +39,16 @@ class VLLMTeacherClient:
                 f"`vllm serve TEACHER --port PORT --max-logprobs 20`, or give it time with "
                 f"teacher_server_wait_seconds. ({error})"
             ) from None
-        self._models = {entry["id"]: entry for entry in answer.get("data", [])}
+        served = sorted(entry["id"] for entry in answer.get("data", []))
         if self._model is None:
-            if len(self._models) != 1:
+            if len(served) != 1:
                 raise TeacherResponseError(
-                    f"The vLLM server at {self.url} serves {sorted(self._models)}: name one with teacher_server_model."
+                    f"The vLLM server at {self.url} serves {served}: name one with teacher_server_model."
                 )
-            self._model = next(iter(self._models))
-        elif self._model not in self._models:
+            self._model = served[0]
+        elif self._model not in served:
             raise TeacherResponseError(
-                f"teacher_server_model={self._model!r} is not served at {self.url}; it serves {sorted(self._models)}."
+                f"teacher_server_model={self._model!r} is not served at {self.url}; it serves {served}."
             )
 
     @property
@@ -57,12 +56,6 @@ class VLLMTeacherClient:
         if self._model is None:
             self.check_ready()
         return self._model
-
-    @property
-    def max_model_len(self) -> int | None:
-        if self._models is None:
-            self.check_ready()
-        return self._models[self.model].get("max_model_len")
 
     def check_tokenizer(self, tokenizer, probe_text: str) -> None:
         """The served model's tokenizer splits `probe_text` into the student tokenizer's ids."""

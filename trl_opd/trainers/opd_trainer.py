@@ -637,8 +637,8 @@ class _OPDTrainerCore(DistillationTrainer):
             fetched = served.fetch(rows, **(captures.teacher.request() if wants_layers else {}))
             if wants_layers:
                 captures.teacher.fill(fetched)
-            return served.signal(rows, temperature=self.distillation_temperature, vocab_size=self._loss_vocab_size,
-                                 fetched=fetched) if self.objective.uses_heads else None
+            return served.signal(rows, vocab_size=self._loss_vocab_size, fetched=fetched) \
+                if self.objective.uses_heads else None
         vocab = self._loss_vocab_size or output_head(self.accelerator.unwrap_model(self.model)).width
         return served.signal(rows, temperature=self.distillation_temperature, vocab_size=vocab)
 
@@ -659,8 +659,8 @@ class _OPDTrainerCore(DistillationTrainer):
         device = student_head.weight.device
         valid = self._loss_mask(inputs).to(device).bool()
         student_hidden = student_hidden.to(device)
-        if isinstance(teacher, torch.Tensor):
-            teacher = LocalTeacher(teacher.to(device), teacher_head)
+        if isinstance(teacher, torch.Tensor):  # a local teacher's last hidden states
+            teacher = LocalTeacher(teacher, teacher_head)
         if isinstance(teacher, LocalTeacher):
             teacher = LocalTeacher(teacher.hidden.to(device), teacher.head)
             self._check_finite_hidden_states(student_hidden, teacher.hidden, valid)

@@ -250,8 +250,7 @@ class SimCTTrainer(OPDTrainer):
             }
             if self._served_teacher is not None:  # trl_opd's server: its hidden states and its head
                 rows = TeacherRows(prompt_ids, prompt_mask, ids, mask)
-                teacher = self._served_teacher.signal(rows, temperature=self.distillation_temperature,
-                                                      vocab_size=None)
+                teacher = self._served_teacher.signal(rows, vocab_size=None)
                 return teacher.head.logits(teacher.hidden).float()
             hidden = self._teacher_hidden_state(teacher_inputs, ids.size(1))
             with torch.no_grad():
