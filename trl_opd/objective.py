@@ -53,7 +53,12 @@ from .losses import (
     top_k_mass,
 )
 from .reduction import StepNormalisers, combine_factors, step_coefficients, token_units
-from .representation import BridgeProjector, RepresentationStates, module_device, representation_loss_per_layer
+from .representation import (
+    BridgeProjector,
+    RepresentationStates,
+    module_device,
+    representation_loss_per_layer,
+)
 from .weighting import evidence_mask, position_weights, tip_importance_sample, tip_mask, tip_quadrants
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor]]

@@ -18,10 +18,13 @@ import torch
 from .http import RetryPolicy, TeacherResponseError, TeacherServerError, request
 
 
+DEFAULT_POLICY = RetryPolicy()
+
+
 class VLLMTeacherClient:
     """Teacher log-probs from a vLLM OpenAI-compatible server at `url`."""
 
-    def __init__(self, url: str, policy: RetryPolicy = RetryPolicy(), *, model: str | None = None):
+    def __init__(self, url: str, policy: RetryPolicy = DEFAULT_POLICY, *, model: str | None = None):
         self.url = url.rstrip("/")
         self.policy = policy
         self._model = model

@@ -33,6 +33,7 @@ from ..losses import OutputHead
 from ..objective import CompletionBatch, LocalTeacher, OPDObjective, RoutedTeacher
 from ..reduction import StepNormalisers
 from ..representation import CaptureRequest
+from ..serving.backends import TeacherRows, TrlOpdTeacher
 from .aligned_prompts import aligned_prompt
 from .dataset_checks import (
     check_dataset_size,
@@ -51,7 +52,6 @@ from .resume import resolve_resume_from_checkpoint
 from .routing import TeacherRoutes
 from .rows import ALIGNED_STREAM, GUIDED_STREAM, seeded_rows
 from .self_distillation import teacher_prompt
-from ..serving.backends import TeacherRows, TrlOpdTeacher
 from .served_teacher import ServedCapture, connect_served_teacher, served_vocab_size
 from .teacher import (
     check_teacher_init_kwargs,

@@ -32,9 +32,9 @@ from trl.data_utils import is_conversational
 
 from ..cross_tokenizer import align_texts, shared_vocabulary, simct_segments, stack_segments, token_table
 from ..segment_objective import SegmentBatch, SegmentObjective
+from ..serving.backends import TeacherRows
 from .dataset_checks import check_teacher_argument
 from .lm_head import output_head
-from ..serving.backends import TeacherRows
 from .opd_trainer import OPDTrainer
 from .served_teacher import probe_text
 from .simct_config import SimCTConfig
