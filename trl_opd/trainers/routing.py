@@ -22,7 +22,6 @@ import copy
 import json
 from dataclasses import dataclass
 
-from ..serving.arguments import BACKENDS, refuse_unserved_signals
 from ..serving.backends import connect_teacher
 from .prompt_checks import first_row
 from .self_distillation import SELF_TEACHER
@@ -63,11 +62,11 @@ def _check_spec(config, name, spec) -> None:
         raise ValueError(f"{where} has keys {sorted(set(spec) - set(allowed))} it cannot use; allowed: {allowed}.")
     if spec.get(LOCAL_KEY) == SELF_TEACHER:
         raise ValueError(f"{where}: the student's own weights ('self') cannot be one of several teachers.")
-    if SERVED_KEY in spec:
-        served = served_settings(config, spec)
-        if served.teacher_server_backend not in BACKENDS:
-            raise ValueError(f"{where}: teacher_server_backend must be one of {BACKENDS}.")
-        refuse_unserved_signals(config, served.teacher_server_backend, served.teacher_server_top_k, where)
+    if SERVED_KEY in spec:  # the single served teacher's checks (values, URL, what its backend can serve), on it
+        try:
+            served_settings(config, spec).validate_served_teacher_arguments()
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
 
 
 def served_settings(config, spec: dict):
