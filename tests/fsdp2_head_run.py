@@ -38,6 +38,8 @@ SETTINGS = {
     "tip_top_k_oprd": dict(token_selection="tip_divergence_only", token_ratio=0.5, loss_top_k=8,
                            representation_weight=0.1, diagnostics_steps=1),
     "k3_evidence": dict(estimator="k3", evidence_mode="threshold", evidence_threshold=-0.05),  # per token: any layout
+    # the other loss implementation, several chunks per micro-batch: still no gather per chunk
+    "checkpointed_chunks": dict(loss_implementation="checkpointed", loss_chunk_size=4, beta=0.5),
 }
 
 

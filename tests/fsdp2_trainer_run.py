@@ -7,66 +7,112 @@ there the trainer runs accelerate's own FSDP2 preparation (`fully_shard` per dec
 optimizer on the sharded parameters) over gloo, as on GPUs. The method: dataset completions (`lmbda=0`:
 deterministic rollouts), TIP (`tip_divergence_only`, per row: layout-independent), top-k, OPRD at the last layer.
 
-SimCTTrainer runs the same way (dataset completions, a character-level teacher); RLADTrainer samples its rollouts
-per process, so only its run (finite losses, sharded model) is compared, not its values.
+SimCTTrainer runs the same way (dataset completions, a character-level teacher); RLADTrainer with rollouts fixed by
+(prompt, generation index) (`FixedRollouts`: sampling is per process, so sampled values could not be compared).
 
     python tests/fsdp2_trainer_run.py single OUT.json [opd|simct|rlad]                                   # 1 x 4 rows
     accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_trainer_run.py fsdp2 OUT.json [opd|simct|rlad]
 """
 
+import collections
+import dataclasses
 import json
+import random
 import sys
 from pathlib import Path
 
+import trl
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accelerate.state import PartialState  # noqa: E402
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from safetensors.torch import load_file
+from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer
+from torch.distributed.tensor import DTensor
 
-from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
-from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig, SimCTTrainer  # noqa: E402
-from trl_opd.testbed.models import tiny_model as char_level_model  # noqa: E402
-from trl_opd.testbed.tokenizers import char_tokenizer  # noqa: E402
+from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig, SimCTTrainer
+from trl_opd.testbed.models import tiny_model as char_level_model
+from trl_opd.testbed.tokenizers import char_tokenizer
 
 GLOBAL_BATCH = 4
 SETTINGS = dict(lmbda=0.0, token_selection="tip_divergence_only", token_ratio=0.5, loss_top_k=8,
                 representation_weight=0.01, representation_layers="last")
 
 
-def on_fsdp2(trainer_class):
-    """`trainer_class` whose accelerator runs FSDP2 on CPU processes (see the module docstring)."""
+def on_fsdp2(trainer_class, **plugin_overrides):
+    """`trainer_class` whose accelerator runs FSDP2 on CPU processes (see the module docstring), with TRL's
+    fsdp2.yaml settings and `plugin_overrides`."""
 
     class FSDP2OnCPU(trainer_class):
         def create_accelerator_and_postprocess(self):
             super().create_accelerator_and_postprocess()
             for state in (self.accelerator.state, PartialState()):  # both singletons carry the type
                 state.distributed_type = DistributedType.FSDP
-            self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2, reshard_after_forward=True, auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=["Qwen3DecoderLayer"], state_dict_type="SHARDED_STATE_DICT",
-            )
+            self.accelerator.state.fsdp_plugin = trl_fsdp2_plugin(**plugin_overrides)
             self.is_fsdp_enabled = True
 
     return FSDP2OnCPU
 
 
-def char_variety_reward(prompts, completions, **kwargs):
-    return [float(len(set(text))) for text in completions]
+def trl_fsdp2_plugin(**overrides) -> FullyShardedDataParallelPlugin:
+    """The FSDP2 plugin that `accelerate launch --config_file trl/accelerate_configs/fsdp2.yaml` builds (what
+    `trl-opd --accelerate_config fsdp2` uses): its `fsdp_config` keys named as the plugin's fields (`fsdp_version`
+    as is, the others without the prefix, `offload_params` as `cpu_offload`); the layers to wrap come from the model's `_no_split_modules`, as there."""
+    config = yaml.safe_load((Path(trl.__file__).parent / "accelerate_configs" / "fsdp2.yaml").read_text())
+    fields = {field.name for field in dataclasses.fields(FullyShardedDataParallelPlugin)}
+    settings = {key if key in fields else key.removeprefix("fsdp_"): value
+                for key, value in config["fsdp_config"].items()}
+    settings["cpu_offload"] = settings.pop("offload_params")
+    settings["auto_wrap_policy"] = settings["auto_wrap_policy"].lower()
+    return FullyShardedDataParallelPlugin(**{**settings, **overrides})
 
 
-def build(kind: str, mode: str):
+def length_reward(prompts, completions, **kwargs):
+    return [float(len(text)) for text in completions]
+
+
+class FixedRollouts(RLADTrainer):
+    """RLADTrainer whose rollouts are fixed by (prompt, generation index) instead of sampled.
+
+    Sampling draws from each process's RNG (TRL reseeds per process), so a 2-process run samples other completions
+    than one process and no value could be compared. Here the k-th copy of a prompt on a process gets the k-th
+    completion of that prompt: with `per_device_train_batch_size` = `num_generations` each process holds whole
+    groups, so both layouts train on the same completions, and everything after generation (rewards, group
+    advantages, old and teacher log-probs, the TRRD loss, the sharded update) is compared value for value."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        copies = collections.Counter()
+        completions = []
+        for ids in prompt_ids:
+            key = tuple(ids)
+            draw = random.Random(hash((key, copies[key])))  # a tuple of ints hashes the same in every process
+            length = 3 + 4 * copies[key] + draw.randint(0, 3)  # the copies differ in length, so in reward
+            text = "".join(draw.choice("abcdefgh+=0123456789") for _ in range(length))
+            copies[key] += 1
+            completions.append(self.processing_class.encode(text, add_special_tokens=False)[:12])
+        return completions, None
+
+
+def build(kind: str, mode: str, output_dir: str):
     tokenizer = tiny_tokenizer()
     processes = 2 if mode == "fsdp2" else 1
     common = cpu_args(max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes, max_completion_length=12)
-    output_dir = f"/tmp/fsdp2-trainer-{kind}-{mode}"
     student = tiny_model(tokenizer, seed=0)
 
     def wrap(trainer_class):
-        return on_fsdp2(trainer_class) if mode == "fsdp2" else trainer_class
+        if mode == "single":
+            return trainer_class
+        if kind.endswith("per_rank"):  # each rank shards the weights it built itself; sharded (DCP) checkpoints
+            return on_fsdp2(trainer_class, cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
+        return on_fsdp2(trainer_class)
 
-    if kind == "opd":
-        return wrap(OPDTrainer)(student, tiny_model(tokenizer, hidden=32, seed=1),
+    if kind.startswith("opd"):
+        teacher_width = 48 if kind.startswith("opd_projector") else 32  # wider: OPRD trains a linear projector
+        if kind.startswith("opd_projector"):
+            common.update(save_strategy="steps", save_steps=1)  # checkpoints to resume from
+        return wrap(OPDTrainer)(student, tiny_model(tokenizer, hidden=teacher_width, seed=1),
                                 args=OPDConfig(output_dir=output_dir, **SETTINGS, **common),
                                 train_dataset=prompt_dataset(8), processing_class=tokenizer)
     if kind == "simct":
@@ -76,21 +122,20 @@ def build(kind: str, mode: str):
                                   train_dataset=prompt_dataset(8), processing_class=tokenizer,
                                   teacher_processing_class=teacher_tokenizer)
     common.update(num_generations=2, temperature=1.0, generation_batch_size=GLOBAL_BATCH)
-    return wrap(RLADTrainer)(student, char_variety_reward, args=RLADConfig(output_dir=output_dir, **common),
+    return wrap(FixedRollouts)(student, length_reward, args=RLADConfig(output_dir=output_dir, **common),
                              train_dataset=prompt_dataset(8), processing_class=tokenizer,
                              teacher_model=tiny_model(tokenizer, hidden=48, seed=1))
 
 
-def run(mode: str, out: str, kind: str = "opd") -> None:
-    trainer = build(kind, mode)
-    trainer.train()
+def describe(trainer) -> dict:
+    """Logged losses and every weight, gathered whole (a collective on every rank)."""
     model = trainer.model
     weights = {}
-    for name, parameter in model.named_parameters():  # every rank gathers (a collective), the main one writes
+    for name, parameter in model.named_parameters():
         value = parameter.detach()
         weights[name] = (value.full_tensor() if isinstance(value, DTensor) else value).tolist()
     history = trainer.state.log_history
-    result = {
+    return {
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         "oprd_loss": [entry["oprd/loss"] for entry in history if "oprd/loss" in entry],
         "weights": weights,
@@ -98,6 +143,31 @@ def run(mode: str, out: str, kind: str = "opd") -> None:
         "wrapper": type(model).__name__,
         "processes": trainer.accelerator.num_processes,
     }
+
+
+def saved_files(trainer, directory: Path) -> dict:
+    """`save_model(directory)` (every rank: FSDP2 gathers the full state dict), then what the main process wrote:
+    the projector's file and the model file's keys."""
+    trainer.save_model(str(directory))
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:
+        return {}
+    projector = load_file(directory / "oprd_projector.safetensors")
+    return {"projector": {key: value.tolist() for key, value in projector.items()},
+            "model_keys": sorted(load_file(directory / "model.safetensors"))}
+
+
+def run(mode: str, out: str, kind: str = "opd") -> None:
+    run_dir = Path(out).with_suffix("")
+    trainer = build(kind, mode, str(run_dir / "run"))
+    trainer.train()
+    result = describe(trainer)
+    if kind == "opd_projector":  # FULL_STATE_DICT: save_model gathers and writes (SHARDED: TRL/transformers skip it)
+        result["saved"] = saved_files(trainer, run_dir / "final")
+    if kind.startswith("opd_projector"):
+        resumed = build(kind, mode, str(run_dir / "run"))  # a new trainer resuming from step 1's checkpoint
+        resumed.train(resume_from_checkpoint=str(run_dir / "run" / "checkpoint-1"))
+        result["resumed"] = describe(resumed)
     if trainer.accelerator.is_main_process:
         Path(out).write_text(json.dumps(result))
     if mode == "fsdp2":

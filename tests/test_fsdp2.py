@@ -1,13 +1,14 @@
 """FSDP2 (issue 17 item 1, in part) on 2 CPU processes (gloo), against one process on the same global batch:
 
 * the LM-head passes of the OPD objective under torch's `fully_shard` (tests/fsdp2_head_run.py shards the models
-  itself): TIP + top-k loss + OPRD + diagnostics, and the sampled-token k3 estimator with the evidence mask (losses
-  and every gradient); the diagnostics pass outside a forward reads heads that FSDP2 keeps sharded (DTensors),
-  gathered once each;
+  itself): TIP + top-k loss + OPRD + diagnostics, the sampled-token k3 estimator with the evidence mask, and the
+  checkpointed loss over several chunks (losses and every gradient; no gather per chunk); the diagnostics pass
+  outside a forward reads heads that FSDP2 keeps sharded (DTensors), gathered once each;
 * OPDTrainer itself on accelerate's FSDP2 path (tests/fsdp2_trainer_run.py; accelerate takes that path only on
-  accelerator devices, so the script switches the accelerator to FSDP2 after its creation): TIP + top-k + OPRD,
-  the same losses and weights after 2 steps; SimCTTrainer likewise; RLADTrainer (rollouts sampled per process, so
-  not comparable value for value) trains sharded with finite losses.
+  accelerator devices, so the script switches the accelerator to FSDP2, with TRL's fsdp2.yaml settings, after its
+  creation): TIP + top-k + OPRD, the same losses and weights after 2 steps; OPRD's trainable projector likewise,
+  saved to its own file and resumed from an FSDP checkpoint; SimCTTrainer likewise; RLADTrainer likewise with
+  rollouts fixed by (prompt, generation index), since sampling is per process.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from servers import free_port
 
 SCRIPT = Path(__file__).resolve().parent / "fsdp2_head_run.py"
@@ -37,7 +37,7 @@ def results(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("setting", ["tip_top_k_oprd", "k3_evidence"])
+@pytest.mark.parametrize("setting", ["tip_top_k_oprd", "k3_evidence", "checkpointed_chunks"])
 def test_sharded_heads_give_the_one_process_loss_and_gradients(results, setting):
     result = results[setting]
     assert result["heads_are_dtensors"]  # the models really are sharded
@@ -66,15 +66,10 @@ def run_both(kind: str, tmp_path) -> tuple[dict, dict]:
     return one, two
 
 
-@pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["opd", "simct"])
-def test_trainer_under_accelerates_fsdp2_equals_one_process(tmp_path, kind):
-    """OPDTrainer (TIP + top-k + OPRD) and SimCTTrainer on accelerate's FSDP2 path (2 CPU processes x 2 rows, the
-    accelerator switched to FSDP2 after its creation, see the script) against 1 process x 4 rows: the same losses
-    and weights after 2 steps."""
+def assert_same_run(one: dict, two: dict) -> None:
+    """The same logged losses (rel 1e-5) and every weight (abs 1e-6) after 2 steps."""
     import torch
 
-    one, two = run_both(kind, tmp_path)
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert two["oprd_loss"] == pytest.approx(one["oprd_loss"], rel=1e-5)
     assert one["weights"].keys() == two["weights"].keys()
@@ -84,10 +79,38 @@ def test_trainer_under_accelerates_fsdp2_equals_one_process(tmp_path, kind):
 
 
 @pytest.mark.multiprocess
-def test_rlad_trainer_trains_under_accelerates_fsdp2(tmp_path):
-    """RLADTrainer samples its rollouts per process, so the 2-process values differ from 1 process: it trains
-    sharded with finite losses."""
-    import math
+@pytest.mark.parametrize("kind", ["opd", "opd_projector_per_rank", "simct", "rlad"])
+def test_trainer_under_accelerates_fsdp2_equals_one_process(tmp_path, kind):
+    """OPDTrainer (TIP + top-k + OPRD) and SimCTTrainer on accelerate's FSDP2 path (2 CPU processes x 2 rows, the
+    accelerator switched to FSDP2 with TRL's fsdp2.yaml settings after its creation, see the script) against
+    1 process x 4 rows: the same losses and weights after 2 steps. `opd_projector_per_rank`: OPRD through a
+    trainable projector onto a wider teacher, each rank sharding the weights it built itself (no broadcast from the
+    main process, `cpu_ram_efficient_loading=False`): its projector is the same on every rank because it is drawn
+    from its own seeded generator, not from TRL's per-process reseeded RNG; its checkpoints are sharded (DCP,
+    `SHARDED_STATE_DICT`) and a new trainer resuming from step 1's ends at the uninterrupted run."""
+    one, two = run_both(kind, tmp_path)
+    assert_same_run(one, two)
+    if kind == "opd_projector_per_rank":  # with SHARDED_STATE_DICT checkpoints: resuming from step 1 ends the same
+        for run in (one, two):
+            assert run["resumed"]["losses"] == run["losses"] and run["resumed"]["weights"] == run["weights"]
 
-    _, two = run_both("rlad", tmp_path)
-    assert len(two["losses"]) == 2 and all(math.isfinite(loss) for loss in two["losses"])
+
+@pytest.mark.multiprocess
+def test_oprd_projector_under_fsdp2_trains_saves_and_resumes(tmp_path):
+    """OPRD's trainable projector under TRL's fsdp2.yaml settings (FULL_STATE_DICT): the same run as one process;
+    `save_model` writes the gathered projector to `oprd_projector.safetensors` and keeps it out of
+    `model.safetensors`; a new trainer resuming from step 1's checkpoint (the FSDP checkpoint holds the sharded
+    projector) ends at the uninterrupted run's weights and losses, as on one process."""
+    import torch
+
+    one, two = run_both("opd_projector", tmp_path)
+    assert_same_run(one, two)
+    trained = {name.split("oprd_projector.", 1)[1]: value for name, value in two["weights"].items()
+               if "oprd_projector." in name}
+    assert trained and trained.keys() == two["saved"]["projector"].keys()
+    for name, value in trained.items():
+        assert torch.equal(torch.tensor(two["saved"]["projector"][name]), torch.tensor(value)), name
+    assert not any("oprd_projector" in key for key in two["saved"]["model_keys"])
+    for run in (one, two):
+        assert run["resumed"]["losses"] == run["losses"]
+        assert run["resumed"]["weights"] == run["weights"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from fractions import Fraction
 
 import numpy as np
@@ -511,6 +512,26 @@ def test_representation_projector_maps_widths_trains_and_round_trips():
     torch.testing.assert_close(restored(student)[0], projected[0].detach())
     with pytest.raises(ValueError, match="built for 2"):
         projector(student[:1])
+
+
+def test_representation_projector_is_drawn_from_its_seed_not_the_global_rng():
+    """Every process builds the same projector whatever its RNG state (TRL reseeds per process before a subclass
+    builds one; FSDP2 keeps each rank's shard of its own weights), with nn.Linear's default distribution
+    U(-1/sqrt(d_S), 1/sqrt(d_S)); another seed, another draw; the global RNG is left where it was."""
+    torch.manual_seed(1)
+    first = RepresentationProjector(64, 96, 2, seed=7)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = RepresentationProjector(64, 96, 2, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    for a, b in zip(first.projections, second.projections):
+        assert torch.equal(a.weight, b.weight) and a.weight.requires_grad and a.weight.dtype == torch.float32
+    assert not torch.equal(first.projections[0].weight, first.projections[1].weight)
+    assert not torch.equal(first.projections[0].weight, RepresentationProjector(64, 96, 2, seed=8).projections[0].weight)
+    weights = torch.cat([projection.weight.flatten() for projection in first.projections]).double()
+    bound = 1 / math.sqrt(64)
+    assert weights.abs().max() <= bound and weights.abs().max() > 0.99 * bound
+    assert weights.var().item() == pytest.approx(bound**2 / 3, rel=0.05)  # a uniform's variance
 
 
 def correlated_states(rows=200, student_dim=5, teacher_dim=7, seed=0):

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -564,12 +564,14 @@ class RepresentationProjector(nn.Module):
 
     The reference code's ``rep_projector_mode=full`` (§6.1). Attach it as a submodule of the student model
     (``student.add_module("oprd_projector", projector)``) so the optimizer, DDP/FSDP gradient synchronisation,
-    gradient clipping and checkpoints all include it (§6.5 item 7). Weights use PyTorch's default ``Linear``
-    initialisation. ``forward`` takes and returns a list of ``[..., d]`` tensors, one per mapped layer; inputs
-    are cast to the projector's dtype.
+    gradient clipping and checkpoints all include it (§6.5 item 7). Weights follow PyTorch's default ``Linear``
+    initialisation, drawn from a generator seeded with ``seed`` rather than the global RNG (§6.5 item 10): every
+    process builds the same projector whatever its RNG state (TRL reseeds per process before a subclass builds it,
+    and FSDP2, unlike DDP, keeps each rank's shard of its own weights). ``forward`` takes and returns a list of
+    ``[..., d]`` tensors, one per mapped layer; inputs are cast to the projector's dtype.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_layers: int):
+    def __init__(self, student_dim: int, teacher_dim: int, num_layers: int, seed: int = 0):
         super().__init__()
         for name, value in (
             ("student_dim", student_dim),
@@ -578,8 +580,14 @@ class RepresentationProjector(nn.Module):
         ):
             _check_positive_int(name, value)
         self.projections = nn.ModuleList(
-            nn.Linear(student_dim, teacher_dim, bias=False) for _ in range(num_layers)
+            nn.Linear(student_dim, teacher_dim, bias=False, device="meta") for _ in range(num_layers)
         )
+        generator = torch.Generator().manual_seed(seed)
+        for projection in self.projections:
+            weight = torch.empty(teacher_dim, student_dim)
+            # nn.Linear.reset_parameters' distribution: U(-1/sqrt(d_S), 1/sqrt(d_S)).
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+            projection.weight = nn.Parameter(weight)
 
     def forward(self, student_hidden: Sequence[Tensor]) -> list[Tensor]:
         if len(student_hidden) != len(self.projections):

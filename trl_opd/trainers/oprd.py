@@ -45,8 +45,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -59,10 +59,10 @@ from ..representation import (
     BridgeProjector,
     CaptureRequest,
     HiddenStateCapture,
-    RepresentationStates,
-    module_device,
     RepresentationProjector,
+    RepresentationStates,
     find_decoder_layers,
+    module_device,
     pair_layers,
     select_positions,
 )
@@ -395,7 +395,8 @@ class RepresentationDistillationMixin:
                 )
             return None
         if kind == "linear":
-            return RepresentationProjector(plan.student_width, plan.teacher_width, len(plan.student_layers))
+            return RepresentationProjector(plan.student_width, plan.teacher_width, len(plan.student_layers),
+                                           seed=args.seed)
         bridge = BridgeProjector(
             plan.student_width,
             plan.teacher_width,
@@ -599,6 +600,10 @@ class RepresentationDistillationMixin:
             self._load_projector_file(self.state.best_model_checkpoint)
 
     def _load_projector_file(self, directory: str) -> None:
+        # Under FSDP the checkpoint's own model state (`pytorch_model_fsdp*`, loaded by the parent) holds the
+        # projector as a submodule of the model, already sharded; the file is for `from_pretrained` users.
+        if self.is_fsdp_enabled:
+            return
         path = os.path.join(directory, PROJECTOR_FILE)
         if self._representation_projector is not None and os.path.isfile(path):
             _load_projector_state(self._representation_projector, path)
