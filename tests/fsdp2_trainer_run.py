@@ -2,16 +2,21 @@
 used by tests/test_fsdp2.py (not a test module itself).
 
 accelerate takes its FSDP branch only on accelerator devices (state.py: MULTI_CPU is never turned into FSDP), so
-`FSDP2OnCPU` switches the accelerator's state to FSDP with an FSDP2 plugin right after the Trainer creates it; from
-there the trainer runs accelerate's own FSDP2 preparation (`fully_shard` per decoder layer and the root, the
-optimizer on the sharded parameters) over gloo, as on GPUs. The method: dataset completions (`lmbda=0`:
-deterministic rollouts), TIP (`tip_divergence_only`, per row: layout-independent), top-k, OPRD at the last layer.
+`FSDP2OnCPU` switches the accelerator's state to FSDP, with the plugin TRL's `fsdp2.yaml` describes, right after the
+Trainer creates it; from there the trainer runs accelerate's own FSDP2 preparation (`fully_shard` per decoder layer
+and the root, the optimizer on the sharded parameters) over gloo, as on GPUs. Kinds:
 
-SimCTTrainer runs the same way (dataset completions, a character-level teacher); RLADTrainer with rollouts fixed by
-(prompt, generation index) (`FixedRollouts`: sampling is per process, so sampled values could not be compared).
+* `opd`: dataset completions (`lmbda=0`: deterministic rollouts), TIP (`tip_divergence_only`, per row:
+  layout-independent), top-k, OPRD at the last layer (equal widths, no projector);
+* `opd_projector`: the same onto a wider teacher, so OPRD trains a linear projector; checkpoints every step, a final
+  `save_model` and a second trainer resuming from step 1; `opd_projector_per_rank`: each rank shards the weights it
+  built itself (no broadcast from the main process) and the checkpoints are sharded (DCP); `opd_bf16`: `opd` in bf16
+  mixed precision;
+* `simct`: dataset completions, a character-level teacher;
+* `rlad`: rollouts fixed by (prompt, generation index) (`FixedRollouts`: sampling is per process).
 
-    python tests/fsdp2_trainer_run.py single OUT.json [opd|simct|rlad]                                   # 1 x 4 rows
-    accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_trainer_run.py fsdp2 OUT.json [opd|simct|rlad]
+    python tests/fsdp2_trainer_run.py single OUT.json KIND                                   # 1 process x 4 rows
+    accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_trainer_run.py fsdp2 OUT.json KIND    # 2 x 2 rows
 """
 
 import collections
@@ -50,7 +55,10 @@ def on_fsdp2(trainer_class, **plugin_overrides):
             super().create_accelerator_and_postprocess()
             for state in (self.accelerator.state, PartialState()):  # both singletons carry the type
                 state.distributed_type = DistributedType.FSDP
-            self.accelerator.state.fsdp_plugin = trl_fsdp2_plugin(**plugin_overrides)
+            plugin = trl_fsdp2_plugin(**plugin_overrides)
+            if self.accelerator.mixed_precision != "no":  # what accelerate does for an FSDP plugin
+                plugin.set_mixed_precision(self.accelerator.mixed_precision)
+            self.accelerator.state.fsdp_plugin = plugin
             self.is_fsdp_enabled = True
 
     return FSDP2OnCPU
@@ -108,6 +116,8 @@ def build(kind: str, mode: str, output_dir: str):
             return on_fsdp2(trainer_class, cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
         return on_fsdp2(trainer_class)
 
+    if kind.endswith("bf16"):  # mixed precision, as TRL's fsdp2.yaml runs it
+        common.update(bf16=True)
     if kind.startswith("opd"):
         teacher_width = 48 if kind.startswith("opd_projector") else 32  # wider: OPRD trains a linear projector
         if kind.startswith("opd_projector"):
@@ -135,6 +145,7 @@ def describe(trainer) -> dict:
         value = parameter.detach()
         weights[name] = (value.full_tensor() if isinstance(value, DTensor) else value).tolist()
     history = trainer.state.log_history
+    policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     return {
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         "oprd_loss": [entry["oprd/loss"] for entry in history if "oprd/loss" in entry],
@@ -142,6 +153,8 @@ def describe(trainer) -> dict:
         "sharded": isinstance(model.lm_head.weight, DTensor),
         "wrapper": type(model).__name__,
         "processes": trainer.accelerator.num_processes,
+        "mixed_precision": trainer.accelerator.mixed_precision,
+        "compute_dtype": str(policy.param_dtype) if policy is not None else None,
     }
 
 
