@@ -833,6 +833,20 @@ def _(tmp_path, model_dirs):
             model_dirs["student"], model_dirs["teacher"], args=args, train_dataset=prompt_dataset(8)))
 
 
+@case("sharding engine", "2 processes launched on a machine where accelerate finds no device to join them on "
+      "(`--accelerate_config fsdp2` on a CPU-only machine, or GPUs hidden)",
+      "RuntimeError before any load, on every process: “OPDTrainer: 2 processes were launched, but accelerate runs "
+      "each of them alone (no process group): each would train the whole run and write the same output_dir … On a "
+      "CPU-only machine only DDP joins processes: `--multi_gpu` with `use_cpu: true` …”")
+def _(tmp_path, model_dirs):
+    from unittest import mock
+
+    args = config(tmp_path)  # this process is alone: what each launched process sees (tests/test_distributed.py)
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
+        raises(RuntimeError, "2 processes were launched, but accelerate runs each of them alone", lambda: OPDTrainer(
+            model_dirs["student"], model_dirs["teacher"], args=args, train_dataset=prompt_dataset(8)))
+
+
 # ---------------------------------------------------------------------------------------------- the tests
 
 

@@ -79,3 +79,21 @@ def test_deepspeed_zero_stage_is_read_from_every_place_a_run_sets_it(tmp_path, m
     assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None)) == 2
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None)) == 3
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["opd", "rlad"])
+def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, kind):
+    """On a CPU-only machine `accelerate launch --multi_gpu` without `use_cpu` starts 2 processes that accelerate runs
+    as 2 lone main processes (what TRL's fsdp2.yaml and multi_gpu.yaml give there): each trainer refuses, naming the
+    cause, before it trains; with `use_cpu=True` the same launch joins them and trains."""
+    script = Path(__file__).resolve().parent / "lone_process_run.py"
+    out = tmp_path / "result.json"
+    launch_two_cpu_processes(script, kind, out, "0", expect_success=False, ACCELERATE_USE_CPU="false")
+    for rank in (0, 1):
+        refused = json.loads((tmp_path / f"result-rank{rank}.json").read_text())["refused"]
+        assert "2 processes were launched, but accelerate runs each of them alone" in refused
+        assert "use_cpu" in refused
+    assert not (tmp_path / kind).exists()  # nothing trained or saved
+    launch_two_cpu_processes(script, kind, out, "1")
+    assert json.loads((tmp_path / "result-rank0.json").read_text()) == {"processes": 2}

@@ -42,7 +42,7 @@ from .dataset_checks import (
     check_teacher_argument,
     check_teacher_context,
 )
-from .engines import check_engine
+from .engines import check_engine, check_launch
 from .gkd_migration import conversations_to_prompts
 from .lm_head import output_head
 from .opd_config import OPDConfig
@@ -153,6 +153,7 @@ class _OPDTrainerCore(DistillationTrainer):
         """Every check that needs no weights, so bad input fails before anything is loaded; sets what they decide
         (`_served_teacher`, `_self_teacher`, `_privileged`, `_loss_vocab_size`). A served teacher is asked first: a
         server that is down fails here, with its URL."""
+        check_launch(args, type(self).__name__)
         check_engine(args, type(self).__name__)
         self._routes = TeacherRoutes.connect(args)  # several teachers (MOPD): their servers are asked here
         self._served_teacher = None if self._routes else connect_served_teacher(teacher_model, args)

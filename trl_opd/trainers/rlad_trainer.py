@@ -30,9 +30,13 @@ from trl.trainer.utils import add_fused_lm_head, get_callable_name
 
 from ..anchor import AnchorSchedule, make_anchor_reward
 from ..rlad import scale_gradient, teacher_clamp_mask, trrd_anchor_logp, trrd_logp_grad_scale
-from .dataset_checks import check_dataset_size, check_output_dir, check_prompt_columns
-from .reward_checks import check_reward_functions
 from ..serving.backends import TeacherRows
+from .dataset_checks import check_dataset_size, check_output_dir, check_prompt_columns
+from .engines import check_launch
+from .prompt_checks import check_prompts, text_tokenizer
+from .resume import resolve_resume_from_checkpoint
+from .reward_checks import check_reward_functions
+from .rlad_config import RLADConfig
 from .served_teacher import connect_served_teacher, served_vocab_size
 from .teacher import (
     check_teacher_init_kwargs,
@@ -42,9 +46,6 @@ from .teacher import (
     try_tokenizer,
     warn_if_teacher_smaller,
 )
-from .prompt_checks import check_prompts, text_tokenizer
-from .resume import resolve_resume_from_checkpoint
-from .rlad_config import RLADConfig
 
 
 class RLADTrainer(GRPOTrainer):
@@ -93,6 +94,7 @@ class RLADTrainer(GRPOTrainer):
         teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         # Every check that needs no weights runs first, so bad input fails before anything is loaded; a served
         # teacher is asked first (a server that is down fails here, with its URL).
+        check_launch(args, type(self).__name__)
         self._served_teacher = connect_served_teacher(teacher_model, args)
         student_tokenizer = text_tokenizer(processing_class or try_tokenizer(model, args))  # loaded once, for both
         models = [(model, None)]
