@@ -820,24 +820,12 @@ def _(tmp_path, model_dirs):
 # ---------------------------------------------------------------------------------------------- engines
 
 
-@case("sharding engine", "DeepSpeed ZeRO-3 with OPDTrainer (`--accelerate_config zero3`)",
-      "ValueError before any load: “OPDTrainer does not run under DeepSpeed ZeRO-3: ZeRO-3 partitions the LM heads … "
-      "Use ZeRO-2 (`--accelerate_config zero2` …) or FSDP2 …”")
-def _(tmp_path, model_dirs):
-    from unittest import mock
-
-    args = config(tmp_path)  # built first: with these variables set, TrainingArguments needs deepspeed installed
-    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}  # what accelerate launch sets
-    with mock.patch.dict(os.environ, env):
-        raises(ValueError, "does not run under DeepSpeed ZeRO-3", lambda: OPDTrainer(
-            model_dirs["student"], model_dirs["teacher"], args=args, train_dataset=prompt_dataset(8)))
-
-
 @case("sharding engine", "2 processes launched on a machine where accelerate finds no device to join them on "
       "(`--accelerate_config fsdp2` on a CPU-only machine, or GPUs hidden)",
       "RuntimeError before any load, on every process: “OPDTrainer: 2 processes were launched, but accelerate runs "
-      "each of them alone (no process group): each would train the whole run and write the same output_dir … On a "
-      "CPU-only machine only DDP joins processes: `--multi_gpu` with `use_cpu: true` …”")
+      "each of them alone (NO, 1 process(es) joined): each would train its own model into the same output_dir … On "
+      "a CPU-only machine: DDP with `--multi_gpu` and `use_cpu: true` (`--use_cpu`), or DeepSpeed with … `ddp_backend: "
+      "gloo`; FSDP2 needs accelerator devices.”")
 def _(tmp_path, model_dirs):
     from unittest import mock
 

@@ -61,26 +61,6 @@ def test_nan_on_one_process_stops_the_whole_launch_with_its_message(tmp_path):
     assert "FloatingPointError: The teacher's hidden states (and so its logits) are NaN" in output, output[-3000:]
 
 
-def test_deepspeed_zero_stage_is_read_from_every_place_a_run_sets_it(tmp_path, monkeypatch):
-    import json as json_module
-    from types import SimpleNamespace
-
-    from trl_opd.trainers.engines import deepspeed_zero_stage
-
-    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None)) is None
-    assert deepspeed_zero_stage(SimpleNamespace(deepspeed={"zero_optimization": {"stage": 3}})) == 3
-    config_file = tmp_path / "ds.json"
-    config_file.write_text(json_module.dumps({"zero_optimization": {"stage": 2}}))
-    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=str(config_file))) == 2
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config_file))
-    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None)) == 2
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert deepspeed_zero_stage(SimpleNamespace(deepspeed=None)) == 3
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["opd", "rlad"])
 def test_a_launch_whose_processes_would_each_train_alone_is_refused(tmp_path, kind):

@@ -4,7 +4,7 @@
   itself): TIP + top-k loss + OPRD + diagnostics, the sampled-token k3 estimator with the evidence mask, and the
   checkpointed loss over several chunks (losses and every gradient; no gather per chunk); the diagnostics pass
   outside a forward reads heads that FSDP2 keeps sharded (DTensors), gathered once each;
-* OPDTrainer itself on accelerate's FSDP2 path (tests/fsdp2_trainer_run.py; accelerate takes that path only on
+* OPDTrainer itself on accelerate's FSDP2 path (tests/sharded_trainer_run.py; accelerate takes that path only on
   accelerator devices, so the script switches the accelerator to FSDP2, with TRL's fsdp2.yaml settings, after its
   creation): TIP + top-k + OPRD, the same losses and weights after 2 steps; OPRD's trainable projector likewise,
   saved to its own file and resumed from an FSDP checkpoint; SimCTTrainer likewise; RLADTrainer likewise with
@@ -48,11 +48,11 @@ def test_sharded_heads_give_the_one_process_loss_and_gradients(results, setting)
     assert result["diagnostics_error"] <= 1e-6
 
 
-TRAINER_SCRIPT = Path(__file__).resolve().parent / "fsdp2_trainer_run.py"
+TRAINER_SCRIPT = Path(__file__).resolve().parent / "sharded_trainer_run.py"
 
 
 def run_both(kind: str, tmp_path) -> tuple[dict, dict]:
-    """The 1-process run and the 2-process FSDP2 run of tests/fsdp2_trainer_run.py for one trainer."""
+    """The 1-process run and the 2-process FSDP2 run of tests/sharded_trainer_run.py for one trainer."""
     from tiny import launch_two_cpu_processes
 
     single, sharded = tmp_path / "single.json", tmp_path / "fsdp2.json"
@@ -101,19 +101,24 @@ def test_oprd_projector_under_fsdp2_trains_saves_and_resumes(tmp_path):
     `save_model` writes the gathered projector to `oprd_projector.safetensors` and keeps it out of
     `model.safetensors`; a new trainer resuming from step 1's checkpoint (the FSDP checkpoint holds the sharded
     projector) ends at the uninterrupted run's weights and losses, as on one process."""
-    import torch
-
     one, two = run_both("opd_projector", tmp_path)
     assert_same_run(one, two)
-    trained = {name.split("oprd_projector.", 1)[1]: value for name, value in two["weights"].items()
+    assert_projector_saved_and_resumed(two)
+    assert_projector_saved_and_resumed(one)
+
+
+def assert_projector_saved_and_resumed(run: dict) -> None:
+    """`save_model` wrote the trained projector, exactly, to its own file and not to `model.safetensors`; the trainer
+    resumed from step 1's checkpoint ended at the uninterrupted run's losses and weights."""
+    import torch
+
+    trained = {name.split("oprd_projector.", 1)[1]: value for name, value in run["weights"].items()
                if "oprd_projector." in name}
-    assert trained and trained.keys() == two["saved"]["projector"].keys()
+    assert trained and trained.keys() == run["saved"]["projector"].keys()
     for name, value in trained.items():
-        assert torch.equal(torch.tensor(two["saved"]["projector"][name]), torch.tensor(value)), name
-    assert not any("oprd_projector" in key for key in two["saved"]["model_keys"])
-    for run in (one, two):
-        assert run["resumed"]["losses"] == run["losses"]
-        assert run["resumed"]["weights"] == run["weights"]
+        assert torch.equal(torch.tensor(run["saved"]["projector"][name]), torch.tensor(value)), name
+    assert not any("oprd_projector" in key for key in run["saved"]["model_keys"])
+    assert run["resumed"]["losses"] == run["losses"] and run["resumed"]["weights"] == run["weights"]
 
 
 @pytest.mark.multiprocess

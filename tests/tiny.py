@@ -41,7 +41,8 @@ def tiny_tokenizer(texts=CORPUS, vocab_size: int = 120) -> PreTrainedTokenizerFa
     return tokenizer
 
 
-def tiny_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_size: int | None = None):
+def tiny_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0, vocab_size: int | None = None,
+               tied: bool = True):
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=vocab_size or len(tokenizer),
@@ -52,7 +53,7 @@ def tiny_model(tokenizer, hidden: int = 32, layers: int = 2, seed: int = 0, voca
         num_key_value_heads=2,
         head_dim=hidden // 4,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         bos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -127,13 +128,14 @@ def end_distributed_run() -> None:
 
 
 def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, expect_success: bool = True,
-                             **env_overrides):
+                             engine: tuple[str, ...] = ("--multi_gpu",), **env_overrides):
     """Run `script arguments...` on 2 CPU processes with accelerate and return the finished process, after asserting
     it exited 0 (the message carries the end of its output) unless `expect_success=False`.
 
     `accelerate launch --cpu --num_processes 2` starts a single process unless MPI is set up; torchrun
     (`--multi_gpu`) with use_cpu gives DistributedType.MULTI_CPU over gloo, a real 2-process run. Each launch gets a
     free rendezvous port, so a launch never meets the previous one's socket (torchrun's default is always 29500).
+    `engine`: the launcher's engine flags instead of `--multi_gpu` (DeepSpeed: `--use_deepspeed ...`).
     """
     import os
     import socket
@@ -147,7 +149,7 @@ def launch_two_cpu_processes(script, *arguments, timeout: int = 300, cwd=None, e
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "ACCELERATE_DISABLE_RICH": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "ACCELERATE_USE_CPU": "true",
            **env_overrides}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", "2",
                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
                "--dynamo_backend", "no", str(script), *map(str, arguments)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)

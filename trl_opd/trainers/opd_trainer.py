@@ -42,9 +42,9 @@ from .dataset_checks import (
     check_teacher_argument,
     check_teacher_context,
 )
-from .engines import check_engine, check_launch
+from .engines import check_launch
 from .gkd_migration import conversations_to_prompts
-from .lm_head import output_head
+from .lm_head import keep_head_whole_in_forward, output_head
 from .opd_config import OPDConfig
 from .oprd import RepresentationDistillationMixin
 from .prompt_checks import check_prompts, text_tokenizer
@@ -146,6 +146,8 @@ class _OPDTrainerCore(DistillationTrainer):
         self.objective = self._build_objective()
         self._set_chat_template_kwargs(args)
         self._check_diagnostics_top_k(args)
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            keep_head_whole_in_forward(self.model)  # the loss reads the head inside the student's forward
         self._output_heads(self.accelerator.unwrap_model(self.model))  # both heads on one device
         self._suppress_padded_ids()
 
@@ -154,7 +156,6 @@ class _OPDTrainerCore(DistillationTrainer):
         (`_served_teacher`, `_self_teacher`, `_privileged`, `_loss_vocab_size`). A served teacher is asked first: a
         server that is down fails here, with its URL."""
         check_launch(args, type(self).__name__)
-        check_engine(args, type(self).__name__)
         self._routes = TeacherRoutes.connect(args)  # several teachers (MOPD): their servers are asked here
         self._served_teacher = None if self._routes else connect_served_teacher(teacher_model, args)
         if self._routes is not None and teacher_model is not None:

@@ -600,9 +600,10 @@ class RepresentationDistillationMixin:
             self._load_projector_file(self.state.best_model_checkpoint)
 
     def _load_projector_file(self, directory: str) -> None:
-        # Under FSDP the checkpoint's own model state (`pytorch_model_fsdp*`, loaded by the parent) holds the
-        # projector as a submodule of the model, already sharded; the file is for `from_pretrained` users.
-        if self.is_fsdp_enabled:
+        # Under FSDP and DeepSpeed the checkpoint's own model state (`pytorch_model_fsdp*`, DeepSpeed's `global_step*`,
+        # loaded by the parent) holds the projector as a submodule of the model, already sharded; the file is for
+        # `from_pretrained` users.
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return
         path = os.path.join(directory, PROJECTOR_FILE)
         if self._representation_projector is not None and os.path.isfile(path):

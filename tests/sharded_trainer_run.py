@@ -1,5 +1,8 @@
-"""OPDTrainer itself under accelerate's FSDP2 path on 2 CPU processes, against one process on the same global batch;
-used by tests/test_fsdp2.py (not a test module itself).
+"""The trainers under accelerate's FSDP2 path and under DeepSpeed on 2 CPU processes, against one process on the same
+global batch; used by tests/test_fsdp2.py and tests/test_deepspeed.py (not a test module itself).
+
+DeepSpeed (`deepspeed` mode, launched with `--use_deepspeed --deepspeed_config_file F`): the training config turns
+`use_cpu` off and names gloo (`ddp_backend`), and accelerate runs DeepSpeed's engine as on GPUs.
 
 accelerate takes its FSDP branch only on accelerator devices (state.py: MULTI_CPU is never turned into FSDP), so
 `FSDP2OnCPU` switches the accelerator's state to FSDP, with the plugin TRL's `fsdp2.yaml` describes, right after the
@@ -13,13 +16,17 @@ and the root, the optimizer on the sharded parameters) over gloo, as on GPUs. Ki
   built itself (no broadcast from the main process) and the checkpoints are sharded (DCP); `opd_bf16`: `opd` in bf16
   mixed precision;
 * `simct`: dataset completions, a character-level teacher;
-* `rlad`: rollouts fixed by (prompt, generation index) (`FixedRollouts`: sampling is per process).
+* `rlad`: rollouts fixed by (prompt, generation index) (`FixedRollouts`: sampling is per process);
+* `opd_untied`: `opd` with untied heads (a separate `lm_head` whose own forward never runs).
 
-    python tests/fsdp2_trainer_run.py single OUT.json KIND                                   # 1 process x 4 rows
-    accelerate launch --multi_gpu --num_processes 2 tests/fsdp2_trainer_run.py fsdp2 OUT.json KIND    # 2 x 2 rows
+    python tests/sharded_trainer_run.py single OUT.json KIND                                   # 1 process x 4 rows
+    accelerate launch --multi_gpu --num_processes 2 tests/sharded_trainer_run.py fsdp2 OUT.json KIND    # 2 x 2 rows
+    accelerate launch --use_deepspeed --deepspeed_config_file F --num_processes 2 \
+        tests/sharded_trainer_run.py deepspeed OUT.json KIND                                            # 2 x 2 rows
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
 import random
@@ -105,12 +112,15 @@ class FixedRollouts(RLADTrainer):
 
 def build(kind: str, mode: str, output_dir: str):
     tokenizer = tiny_tokenizer()
-    processes = 2 if mode == "fsdp2" else 1
+    processes = 1 if mode == "single" else 2
     common = cpu_args(max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes, max_completion_length=12)
-    student = tiny_model(tokenizer, seed=0)
+    if mode == "deepspeed":  # on CPU processes DeepSpeed needs use_cpu off and gloo named (accelerate names none)
+        common.update(use_cpu=False, ddp_backend="gloo")
+    tied = not kind.endswith("untied")  # untied: a separate lm_head module whose own forward never runs
+    student = tiny_model(tokenizer, seed=0, tied=tied)
 
     def wrap(trainer_class):
-        if mode == "single":
+        if mode != "fsdp2":
             return trainer_class
         if kind.endswith("per_rank"):  # each rank shards the weights it built itself; sharded (DCP) checkpoints
             return on_fsdp2(trainer_class, cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
@@ -122,7 +132,7 @@ def build(kind: str, mode: str, output_dir: str):
         teacher_width = 48 if kind.startswith("opd_projector") else 32  # wider: OPRD trains a linear projector
         if kind.startswith("opd_projector"):
             common.update(save_strategy="steps", save_steps=1)  # checkpoints to resume from
-        return wrap(OPDTrainer)(student, tiny_model(tokenizer, hidden=teacher_width, seed=1),
+        return wrap(OPDTrainer)(student, tiny_model(tokenizer, hidden=teacher_width, seed=1, tied=tied),
                                 args=OPDConfig(output_dir=output_dir, **SETTINGS, **common),
                                 train_dataset=prompt_dataset(8), processing_class=tokenizer)
     if kind == "simct":
@@ -137,21 +147,33 @@ def build(kind: str, mode: str, output_dir: str):
                              teacher_model=tiny_model(tokenizer, hidden=48, seed=1))
 
 
+def whole(partitioned: list):
+    """DeepSpeed ZeRO-3's partitioned parameters gathered whole (a collective on every rank); nothing otherwise."""
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned)
+
+
 def describe(trainer) -> dict:
     """Logged losses and every weight, gathered whole (a collective on every rank)."""
     model = trainer.model
-    weights = {}
-    for name, parameter in model.named_parameters():
-        value = parameter.detach()
-        weights[name] = (value.full_tensor() if isinstance(value, DTensor) else value).tolist()
+    partitioned = [parameter for parameter in model.parameters() if hasattr(parameter, "ds_id")]  # DeepSpeed ZeRO-3
+    with whole(partitioned):
+        weights = {}
+        for name, parameter in model.named_parameters():
+            value = parameter.detach()
+            weights[name] = (value.full_tensor() if isinstance(value, DTensor) else value).tolist()
     history = trainer.state.log_history
     policy = getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "mixed_precision_policy", None)
     return {
         "losses": [entry["loss"] for entry in history if "loss" in entry],
         "oprd_loss": [entry["oprd/loss"] for entry in history if "oprd/loss" in entry],
         "weights": weights,
-        "sharded": isinstance(model.lm_head.weight, DTensor),
+        "sharded": isinstance(model.lm_head.weight, DTensor) or bool(partitioned),
         "wrapper": type(model).__name__,
+        "engine": type(trainer.model_wrapped).__name__,
         "processes": trainer.accelerator.num_processes,
         "mixed_precision": trainer.accelerator.mixed_precision,
         "compute_dtype": str(policy.param_dtype) if policy is not None else None,
@@ -183,7 +205,7 @@ def run(mode: str, out: str, kind: str = "opd") -> None:
         result["resumed"] = describe(resumed)
     if trainer.accelerator.is_main_process:
         Path(out).write_text(json.dumps(result))
-    if mode == "fsdp2":
+    if mode != "single":
         end_distributed_run()
 
 
