@@ -17,7 +17,8 @@ and the root, the optimizer on the sharded parameters) over gloo, as on GPUs. Ki
   mixed precision;
 * `simct`: dataset completions, a character-level teacher;
 * `rlad`: rollouts fixed by (prompt, generation index) (`FixedRollouts`: sampling is per process);
-* `opd_untied`: `opd` with untied heads (a separate `lm_head` whose own forward never runs).
+* `opd_untied`: `opd` with untied heads (a separate `lm_head` whose own forward never runs); `opd_untied_by_path`:
+  the models given by path, so the trainer loads them (partitioned at load under ZeRO-3's `zero3_init_flag`).
 
     python tests/sharded_trainer_run.py single OUT.json KIND                                   # 1 process x 4 rows
     accelerate launch --multi_gpu --num_processes 2 tests/sharded_trainer_run.py fsdp2 OUT.json KIND    # 2 x 2 rows
@@ -29,6 +30,7 @@ import collections
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -116,7 +118,7 @@ def build(kind: str, mode: str, output_dir: str):
     common = cpu_args(max_steps=2, per_device_train_batch_size=GLOBAL_BATCH // processes, max_completion_length=12)
     if mode == "deepspeed":  # on CPU processes DeepSpeed needs use_cpu off and gloo named (accelerate names none)
         common.update(use_cpu=False, ddp_backend="gloo")
-    tied = not kind.endswith("untied")  # untied: a separate lm_head module whose own forward never runs
+    tied = "untied" not in kind  # untied: a separate lm_head module whose own forward never runs
     student = tiny_model(tokenizer, seed=0, tied=tied)
 
     def wrap(trainer_class):
@@ -132,7 +134,11 @@ def build(kind: str, mode: str, output_dir: str):
         teacher_width = 48 if kind.startswith("opd_projector") else 32  # wider: OPRD trains a linear projector
         if kind.startswith("opd_projector"):
             common.update(save_strategy="steps", save_steps=1)  # checkpoints to resume from
-        return wrap(OPDTrainer)(student, tiny_model(tokenizer, hidden=teacher_width, seed=1, tied=tied),
+        teacher = tiny_model(tokenizer, hidden=teacher_width, seed=1, tied=tied)
+        if kind.endswith("by_path"):  # loaded by the trainer (under ZeRO-3's zero3_init_flag: loaded partitioned)
+            student, teacher = (saved(model, tokenizer, output_dir, name)
+                                for model, name in ((student, "student"), (teacher, "teacher")))
+        return wrap(OPDTrainer)(student, teacher,
                                 args=OPDConfig(output_dir=output_dir, **SETTINGS, **common),
                                 train_dataset=prompt_dataset(8), processing_class=tokenizer)
     if kind == "simct":
@@ -145,6 +151,14 @@ def build(kind: str, mode: str, output_dir: str):
     return wrap(FixedRollouts)(student, length_reward, args=RLADConfig(output_dir=output_dir, **common),
                              train_dataset=prompt_dataset(8), processing_class=tokenizer,
                              teacher_model=tiny_model(tokenizer, hidden=48, seed=1))
+
+
+def saved(model, tokenizer, output_dir: str, name: str) -> str:
+    """`model` and its tokenizer saved for this process alone (every rank builds the same weights); the directory."""
+    directory = Path(output_dir).parent / f"{name}-rank{os.environ.get('RANK', '0')}"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
 
 
 def whole(partitioned: list):

@@ -1,13 +1,14 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 (issue 17 item 2) on 2 CPU processes, against one process on the same global batch.
 
-DeepSpeed runs on these CPUs through `accelerate launch --use_deepspeed` when the training config turns `use_cpu`
-off (it would silently replace DeepSpeed by DDP) and names the gloo backend (`ddp_backend="gloo"`: accelerate names
-none without a GPU, and each process would come up alone). Under ZeRO-3 with `stage3_param_persistence_threshold=0`
-every weight is partitioned, these tiny heads included (the default threshold would keep them whole and hide what
+DeepSpeed runs on these CPUs through `accelerate launch --use_deepspeed` when the training config turns `use_cpu` off
+(it would silently replace DeepSpeed by DDP) and names the gloo backend (`ddp_backend="gloo"`: accelerate names none
+without a GPU, and each process would come up alone). Under ZeRO-3 with `stage3_param_persistence_threshold=0` every
+weight is partitioned, these tiny heads included (the default threshold would keep them whole and hide what
 partitioning does). The trainers run as on GPUs (tests/sharded_trainer_run.py, `deepspeed` mode): the same losses and
-weights after 2 steps as one process (losses to 1e-5 relative, weights to 1e-6); under ZeRO-3 the students' heads are
-untied (a separate `lm_head` whose own forward never runs), OPRD trains its projector, `save_model` writes it to its
-own file, and a trainer resuming from DeepSpeed's checkpoint ends at the uninterrupted run.
+weights after 2 steps as one process (losses to 1e-5 relative, weights to 1e-6); under ZeRO-3 (with `zero3_init_flag`,
+as TRL's zero3.yaml) one student's head is untied (a separate `lm_head` whose own forward never runs), OPRD trains its
+projector, `save_model` writes it to its own file, and a trainer resuming from DeepSpeed's checkpoint ends at the
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ def run_both(kind: str, stage: int, tmp_path) -> tuple[dict, dict]:
     finished = subprocess.run([sys.executable, str(SCRIPT), "single", str(single), kind], env=env,
                               capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    engine = ("--use_deepspeed", "--deepspeed_config_file", str(config), "--zero3_init_flag", str(stage == 3).lower())
     launch_two_cpu_processes(SCRIPT, "deepspeed", sharded, kind, timeout=900, ACCELERATE_USE_CPU="false",
-                             engine=("--use_deepspeed", "--deepspeed_config_file", str(config)))
+                             engine=engine)
     one, two = json.loads(single.read_text()), json.loads(sharded.read_text())
     assert two["engine"] == "DeepSpeedEngine" and two["processes"] == 2
     assert two["sharded"] == (stage == 3)  # ZeRO-3 partitions the weights, ZeRO-2 keeps them whole
@@ -53,11 +55,12 @@ def run_both(kind: str, stage: int, tmp_path) -> tuple[dict, dict]:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(("kind", "stage"), [("opd_untied", 3), ("simct", 3), ("rlad", 3), ("opd", 2)])
+@pytest.mark.parametrize(("kind", "stage"), [("opd_untied_by_path", 3), ("simct", 3), ("rlad", 3), ("opd", 2)])
 def test_trainer_under_deepspeed_equals_one_process(tmp_path, kind, stage):
-    """OPDTrainer (TIP + top-k + OPRD), SimCTTrainer and RLADTrainer (rollouts fixed by prompt and generation index)
-    under ZeRO-3, whose partitioned heads the LM-head passes read (the student's inside its forward, the teacher's
-    gathered); OPDTrainer under ZeRO-2."""
+    """OPDTrainer (TIP + top-k + OPRD; untied heads; the models given by path, so loaded partitioned under
+    `zero3_init_flag` as TRL's zero3.yaml sets it, and the set-up checks read partitioned heads), SimCTTrainer and
+    RLADTrainer (rollouts fixed by prompt and generation index) under ZeRO-3, whose partitioned heads the LM-head
+    passes read (the student's inside its forward, the teacher's gathered); OPDTrainer under ZeRO-2."""
     from test_fsdp2 import assert_same_run
 
     assert_same_run(*run_both(kind, stage, tmp_path))

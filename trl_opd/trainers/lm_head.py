@@ -23,18 +23,14 @@ def _zero3_whole(parameter):
     """A DeepSpeed ZeRO-3 parameter whole. Inside a forward that fetched it (the trained student's head, which
     `keep_head_whole_in_forward` registers with the student's root module) it is the parameter itself, so its
     gradient reaches the partitions through DeepSpeed's own hooks. Anywhere else (the frozen teacher's head after its
-    forward released it, the diagnostics) a copy gathered once per call, outside autograd."""
+    forward released it, the diagnostics, the set-up checks of a model loaded partitioned by `zero3_init_flag`) a
+    copy gathered once per call, outside autograd: the trainers read a trained head with gradients only inside the
+    student's forward."""
+    import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     if parameter.ds_status == ZeroParamStatus.AVAILABLE:
         return parameter
-    if parameter.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            "A trained LM head partitioned by DeepSpeed ZeRO-3 was read outside the forward that fetches it, with "
-            "gradients on: its gradient would be lost. Call `keep_head_whole_in_forward` on the model first."
-        )
-    import deepspeed
-
     with deepspeed.zero.GatheredParameters([parameter]):
         return parameter.detach().clone()
 
@@ -46,7 +42,9 @@ def keep_head_whole_in_forward(model) -> None:
     `lm_head.weight` inside the student's forward but outside the head's (the hidden states come from the backbone,
     the loss projects them chunk by chunk). Registered as external parameters of the root module, the head's
     parameters are fetched with the root's for its forward and again for its backward, so the chunks read the whole
-    head and its gradient is reduce-scattered to the partitions like any other."""
+    head and its gradient is reduce-scattered to the partitions like any other. (DeepSpeed's parameter getter also
+    fetches and registers a partitioned parameter read during an eager forward, which is why the run measured the
+    same without this; it stands aside under torch.compile, and the registration does not depend on it.)"""
     import deepspeed
 
     head = model.get_output_embeddings()
