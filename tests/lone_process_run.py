@@ -6,17 +6,15 @@ tests/test_distributed.py (not a test module itself).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
+from tiny import cpu_args, end_distributed_run, length_reward, prompt_dataset, tiny_model, tiny_tokenizer  # noqa: E402
+
 from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer  # noqa: E402
-
-
-def length_reward(prompts, completions, **kwargs):
-    return [float(len(text)) for text in completions]
 
 
 def build(kind: str, out: Path, use_cpu: bool):
@@ -39,7 +37,7 @@ def main(kind: str, out: str, use_cpu: str) -> None:
     else:
         trainer.train()
         result = {"processes": trainer.accelerator.num_processes}
-    rank = __import__("os").environ.get("RANK", "0")
+    rank = os.environ.get("RANK", "0")
     out.with_name(f"{out.stem}-rank{rank}.json").write_text(json.dumps(result))
     if use_cpu == "1":
         end_distributed_run()

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from safetensors.torch import load_file
-from tiny import cpu_args, end_distributed_run, prompt_dataset, tiny_model, tiny_tokenizer
+from tiny import cpu_args, end_distributed_run, length_reward, prompt_dataset, tiny_model, tiny_tokenizer
 from torch.distributed.tensor import DTensor
 
 from trl_opd import OPDConfig, OPDTrainer, RLADConfig, RLADTrainer, SimCTConfig, SimCTTrainer
@@ -84,10 +84,6 @@ def trl_fsdp2_plugin(**overrides) -> FullyShardedDataParallelPlugin:
     settings["cpu_offload"] = settings.pop("offload_params")
     settings["auto_wrap_policy"] = settings["auto_wrap_policy"].lower()
     return FullyShardedDataParallelPlugin(**{**settings, **overrides})
-
-
-def length_reward(prompts, completions, **kwargs):
-    return [float(len(text)) for text in completions]
 
 
 class FixedRollouts(RLADTrainer):

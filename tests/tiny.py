@@ -107,6 +107,11 @@ def cpu_args(**overrides) -> dict:
     return settings
 
 
+def length_reward(prompts, completions, **kwargs):
+    """A reward that tells a group's completions apart by their length (the 2-process RLAD scripts)."""
+    return [float(len(text)) for text in completions]
+
+
 def end_distributed_run() -> None:
     """Call last in a launched script: wait for every rank, destroy the gloo process group and exit at once.
 

@@ -339,12 +339,8 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
+@_one_thread()
 def _train_and_save(directory: Path, role, task, model_spec, training, seed, show_progress) -> dict:
-    with _one_thread():
-        return _train_and_save_one_thread(directory, role, task, model_spec, training, seed, show_progress)
-
-
-def _train_and_save_one_thread(directory: Path, role, task, model_spec, training, seed, show_progress) -> dict:
     tokenizer = task_tokenizer(model_spec.tokenizer, task)
     model = tiny_model(tokenizer, config_from_spec(model_spec, tokenizer), seed=seed)
     if show_progress:

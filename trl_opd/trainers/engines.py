@@ -28,8 +28,10 @@ def check_launch(args, trainer_name: str) -> None:
     asks exactly what the run would do.
     """
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == 1:
+        return
     state = args.distributed_state
-    if launched > 1 and (args.world_size == 1 or state.distributed_type == DistributedType.NO):
+    if args.world_size == 1 or state.distributed_type == DistributedType.NO:
         raise RuntimeError(
             f"{trainer_name}: {launched} processes were launched, but accelerate runs each of them alone "
             f"({state.distributed_type.name}, {args.world_size} process(es) joined): each would train its own model "

@@ -146,7 +146,7 @@ class _OPDTrainerCore(DistillationTrainer):
         self.objective = self._build_objective()
         self._set_chat_template_kwargs(args)
         self._check_diagnostics_top_k(args)
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        if self._dist.is_zero3:  # TRL's DistributedBackend
             keep_head_whole_in_forward(self.model)  # the loss reads the head inside the student's forward
         self._output_heads(self.accelerator.unwrap_model(self.model))  # both heads on one device
         self._suppress_padded_ids()
